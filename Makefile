@@ -1,0 +1,27 @@
+# `make test` and `make demo` create the environment first when it is missing
+# (tools/setup_env.sh: apt packages when root, .venv, the pinned requirements.txt).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# numba's TBB layer prints "Unable to join threads" at fork once ffcv has run; omp is as fast.
+export NUMBA_THREADING_LAYER := omp
+export PYTHONUNBUFFERED := 1
+DEMO_DATA := data/synthetic_train.beton data/synthetic_test.beton
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.complete
+
+$(VENV)/.complete: requirements.txt tools/setup_env.sh
+	VENV=$(VENV) bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+$(DEMO_DATA): | setup
+	$(PY) data_prep/write_beton.py --data.dataset=synthetic --data.out_dir=data
+
+demo: setup $(DEMO_DATA)
+	$(PY) data_prep/inspect_beton.py $(DEMO_DATA)
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,52 @@
+"""Raw dataset -> ``<out_dir>/<dataset>_{train,test}.beton`` (+ the optional N-shot beton)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from data_prep.sources import (DataError, load_cifar, load_folder, load_miniimagenet, load_synthetic,
+                               n_shot_indices)
+from data_prep.writer import WriteResult, describe, write_betons
+
+DEFAULT_RAW_ROOT = Path("data") / "raw"
+
+
+def beton_paths(out_dir: str | Path, dataset: str, shots: int = 0) -> dict[str, Path]:
+    """Where a dataset's betons go: keys ``train``, ``test`` and, with shots, ``shots``."""
+    out_dir = Path(out_dir)
+    paths = {"train": out_dir / f"{dataset}_train.beton", "test": out_dir / f"{dataset}_test.beton"}
+    if shots:
+        paths["shots"] = out_dir / f"{dataset}_train_{shots}shot.beton"
+    return paths
+
+
+def load_dataset(dataset: str, root: str | Path = "", *, download: bool = True, seed: int = 0,
+                 max_resolution: int = 256, mini_test_per_class: int = 100, synthetic_train: int = 5000,
+                 synthetic_test: int = 1000, synthetic_size: int = 32):
+    """The ``(train, test)`` sources of ``dataset`` (see :mod:`data_prep.sources`)."""
+    root = Path(root) if str(root) else DEFAULT_RAW_ROOT / dataset
+    if dataset in ("cifar10", "cifar100"):
+        return load_cifar(dataset, root, download=download)
+    if dataset == "miniimagenet":
+        return load_miniimagenet(root, mini_test_per_class)
+    if dataset == "folder":
+        return load_folder(root, max_resolution)
+    if dataset == "synthetic":
+        return load_synthetic(synthetic_train, synthetic_test, synthetic_size, seed)
+    raise DataError(f"unknown dataset {dataset!r}")
+
+
+def convert(dataset: str, root: str | Path = "", out_dir: str | Path = "data", *, shots: int = 0, seed: int = 0,
+            write_mode: str = "raw", jpeg_quality: int = 90, num_workers: int = 0, **source_options) -> list[WriteResult]:
+    """Converts ``dataset`` into betons and prints a summary; returns what was written."""
+    start = time.perf_counter()
+    if shots < 0:
+        raise DataError(f"--data.shots must be >= 0, got {shots}")
+    train, test = load_dataset(dataset, root, seed=seed, **source_options)
+    paths = beton_paths(out_dir, dataset, shots)
+    splits = {paths["train"]: train, paths["test"]: test}
+    if shots:
+        splits[paths["shots"]] = train.subset(n_shot_indices(train.labels, shots, seed))
+    results = write_betons(splits, write_mode=write_mode, jpeg_quality=jpeg_quality, num_workers=num_workers)
+    print(describe(results, len(train.classes), time.perf_counter() - start), flush=True)
+    return results

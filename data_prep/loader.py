@@ -1,0 +1,187 @@
+"""Reading betons: the one loader that pretraining, evaluation and benchmarks share.
+
+:class:`BetonLoader` wraps an FFCV ``Loader`` in one of two modes:
+
+* ``train=True``: random order (seeded by ``seed + epoch``, so an epoch's order is reproducible,
+  also after a resume: :meth:`BetonLoader.set_epoch`), ``drop_last``, and distributed (each
+  rank a disjoint shard) when ``torch.distributed`` is initialised;
+* ``train=False``: sequential order, every sample exactly once (the last batch may be short).
+
+It yields :class:`Batch` ``(images, labels)``: ``images`` uint8 (B, 3, H, W) with channels-last
+strides on the requested device, ``labels`` int64 (B,). **Batches are reused buffers**: clone
+what you keep past the next iteration.
+
+Importing ffcv sets torch's thread count to 1 (and iterating sets it to ``num_workers``); the
+loader restores the caller's thread count after each such change it causes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from data_prep.sources import DataError
+
+REQUIRED_FIELDS = ("image", "label")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W) uint8, channels-last
+    labels: torch.Tensor  # (B,) int64
+
+
+class BetonError(DataError):
+    """A beton that is missing, truncated, not a beton, or lacks the needed fields."""
+
+
+@dataclass(frozen=True)
+class BetonInfo:
+    path: Path
+    num_samples: int
+    fields: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...]  # distinct (H, W) of the stored images
+    labels: np.ndarray  # (N,) int64
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        return self.image_sizes[0] if len(self.image_sizes) == 1 else None
+
+
+def inspect_beton(path: str | Path) -> BetonInfo:
+    """Checks that ``path`` is a complete beton with ``image`` and ``label`` fields; describes it."""
+    threads = torch.get_num_threads()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+    torch.set_num_threads(threads)
+
+    path = Path(path)
+    if not path.is_file():
+        raise BetonError(f"beton not found: {path} (write it with python data_prep/write_beton.py)")
+    size = path.stat().st_size
+    if size < HeaderType.itemsize:
+        raise BetonError(f"{path} is not a beton: {size} bytes is shorter than a beton header")
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION or not 0 < header["num_fields"] < 64:
+        raise BetonError(f"{path} is not a beton (unknown header: version {header['version']})")
+    if header["alloc_table_ptr"] > size or (size - header["alloc_table_ptr"]) % ALLOC_TABLE_TYPE.itemsize:
+        raise BetonError(f"{path} is truncated or corrupt ({size} bytes; its index starts at byte {header['alloc_table_ptr']})")
+    try:
+        reader = Reader(str(path))
+    except Exception as error:  # noqa: BLE001 - any failure here means a bad file
+        raise BetonError(f"{path} is not a readable beton: {error}") from None
+    missing = [name for name in REQUIRED_FIELDS if name not in reader.handlers]
+    if missing:
+        raise BetonError(f"{path} lacks the field(s) {', '.join(missing)}; it has {', '.join(reader.field_names)}")
+    if not isinstance(reader.handlers["image"], RGBImageField) or not isinstance(reader.handlers["label"], IntField):
+        raise BetonError(f"{path}: 'image' must be an RGB image field and 'label' an int field")
+    if len(reader.metadata) != reader.num_samples:
+        raise BetonError(f"{path} is truncated: {len(reader.metadata)} of {reader.num_samples} samples described")
+    table = reader.alloc_table
+    if len(table) and int((table["ptr"] + table["size"]).max()) > int(header["alloc_table_ptr"]):
+        raise BetonError(f"{path} is truncated or corrupt: sample data points past the end of the data region")
+    columns = {name: reader.metadata[f"f{index}"] for index, name in enumerate(reader.field_names)}
+    image_meta = columns["image"]
+    sizes = sorted(set(zip(image_meta["height"].tolist(), image_meta["width"].tolist())))
+    return BetonInfo(path, int(reader.num_samples), tuple(reader.field_names), tuple(sizes),
+                     np.asarray(columns["label"], dtype=np.int64).copy())
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+class BetonLoader:
+    """An FFCV loader over a beton, yielding :class:`Batch` es of uint8 images and int64 labels.
+
+    Args:
+        path: the beton.
+        batch_size: images per batch (per process when distributed).
+        train: True for random order + drop_last (+ distributed), False for sequential, all samples.
+        device: where the batches land (``cpu``, ``cuda``, ``cuda:1``...).
+        num_workers: decoding threads (0 = all cores).
+        seed: order seed; epoch ``e`` uses ``seed + e``.
+        image_size: decode to ``image_size`` x ``image_size`` (centre crop + resize). Needed when the
+            stored images differ in size; ``None`` keeps the stored size.
+        distributed: shard across ranks; ``None`` = when training and torch.distributed is initialised.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, *, train: bool, device: str | torch.device = "cpu",
+                 num_workers: int = 0, seed: int = 0, image_size: int | None = None,
+                 distributed: bool | None = None, batches_ahead: int = 3):
+        self.info = inspect_beton(path)
+        if batch_size < 1:
+            raise DataError(f"batch size must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        self.train = train
+        self.distributed = (train and _distributed()) if distributed is None else distributed
+        stored = self.info.fixed_size
+        if image_size is None and stored is None:
+            raise BetonError(f"{path} holds images of several sizes ({len(self.info.image_sizes)} distinct); "
+                             "pass an image size to decode them to a common one")
+        if image_size is not None and image_size < 1:
+            raise DataError(f"image size must be positive, got {image_size}")
+        self.image_size = image_size or stored[0]
+
+        threads = torch.get_num_threads()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        if stored is not None and (image_size is None or stored == (image_size, image_size)):
+            decoder = SimpleRGBImageDecoder()
+        else:
+            decoder = CenterCropRGBImageDecoder((self.image_size, self.image_size), ratio=1.0)
+        non_blocking = self.device.type == "cuda"
+        pipelines = {
+            "image": [decoder, ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage()],
+            "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(self.device, non_blocking=non_blocking)],
+        }
+        self.batch_size = batch_size
+        self._threads = threads
+        self._loader = Loader(
+            str(path), batch_size=batch_size, num_workers=num_workers if num_workers > 0 else (os.cpu_count() or 1),
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train,
+            distributed=self.distributed, seed=seed, pipelines=pipelines, batches_ahead=batches_ahead)
+        torch.set_num_threads(threads)
+        if len(self._loader) == 0:
+            raise DataError(f"batch size {batch_size} is larger than the {self.info.num_samples} images of {path} "
+                            "(training drops incomplete batches)")
+
+    @property
+    def num_samples(self) -> int:
+        return self.info.num_samples
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration uses."""
+        return self._loader.next_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next iteration use epoch ``epoch``'s order (for exact resumes)."""
+        self._loader.next_epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        iterator = iter(self._loader)
+        try:
+            for images, labels in iterator:
+                # ffcv's worker thread sets torch's thread count to num_workers: restore ours.
+                if torch.get_num_threads() != self._threads:
+                    torch.set_num_threads(self._threads)
+                yield Batch(images, labels)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()

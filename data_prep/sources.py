@@ -1,0 +1,390 @@
+"""Raw datasets on disk -> indexable (image, label) sources for the beton writer.
+
+Every loader returns a ``(train, test)`` pair of sources. A source is indexable: ``source[i]``
+is ``(image, label)`` with ``image`` an (H, W, 3) uint8 RGB array and ``label`` an int; it also
+exposes ``labels`` (N,) int64 and ``classes`` (class names, label = position).
+
+* ``cifar10`` / ``cifar100``: torchvision's on-disk format (``cifar-10-batches-py`` /
+  ``cifar-100-python``), or the official ``.tar.gz`` read in place (no extraction).
+* ``miniimagenet``: the pickle caches ``mini-imagenet-cache-{train,val,test}.pkl`` or an
+  ``images/`` folder with ``train.csv``/``val.csv``/``test.csv``; all 100 classes pooled and
+  split per class (see :func:`load_miniimagenet`).
+* ``folder``: torchvision ImageFolder layout under ``root/train`` and ``root/test``.
+* ``synthetic``: :mod:`data_prep.synthetic`, deterministic from a seed.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import socket
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from data_prep.synthetic import CLASS_NAMES, make_synthetic
+from train.config import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+CIFAR = {
+    "cifar10": dict(
+        folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+        train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+        label_key="labels", meta="batches.meta", names_key="label_names"),
+    "cifar100": dict(
+        folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train=["train"], test=["test"],
+        label_key="fine_labels", meta="meta", names_key="fine_label_names"),
+}
+
+
+class DataError(UserError):
+    """Raw data that is missing, malformed or inconsistent."""
+
+
+@dataclass
+class ArraySource:
+    """Images held in memory: ``images`` (N, H, W, 3) uint8, ``labels`` (N,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise DataError(f"images must be (N, H, W, 3) uint8, got {self.images.shape} {self.images.dtype}")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+    def subset(self, indices: np.ndarray) -> "ArraySource":
+        return ArraySource(self.images[indices], self.labels[indices], self.classes)
+
+    @property
+    def max_side(self) -> int:
+        return int(max(self.images.shape[1:3])) if len(self.images) else 0
+
+
+@dataclass
+class FileSource:
+    """Image files decoded on access (by the writer's workers).
+
+    Any mode (grayscale, RGBA, palette, 16-bit) becomes RGB. ``resize_to`` (h, w) resizes every
+    image exactly; otherwise ``max_side`` (0 = no bound) shrinks images whose longer side exceeds it,
+    keeping the aspect ratio.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    resize_to: tuple[int, int] | None = None
+    max_side_bound: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as image:
+            if image.mode not in ("RGB", "L"):
+                image = image.convert("RGBA").convert("RGB") if "transparency" in image.info else image
+            image = image.convert("RGB")
+            if self.resize_to is not None:
+                if image.size != (self.resize_to[1], self.resize_to[0]):
+                    image = image.resize((self.resize_to[1], self.resize_to[0]), Image.Resampling.LANCZOS)
+            elif self.max_side_bound and max(image.size) > self.max_side_bound:
+                image.thumbnail((self.max_side_bound, self.max_side_bound), Image.Resampling.LANCZOS)
+            array = np.asarray(image, dtype=np.uint8)
+        return np.ascontiguousarray(array), int(self.labels[index])
+
+    def subset(self, indices: np.ndarray) -> "FileSource":
+        return FileSource([self.paths[i] for i in indices], self.labels[indices], self.classes,
+                          self.resize_to, self.max_side_bound)
+
+    @property
+    def max_side(self) -> int:
+        """The longest stored side, from the files' headers (no decoding)."""
+        if self.resize_to is not None:
+            return max(self.resize_to)
+        from PIL import Image
+
+        longest = 0
+        for path in self.paths:
+            with Image.open(path) as image:
+                longest = max(longest, *image.size)
+        return min(longest, self.max_side_bound) if self.max_side_bound else longest
+
+
+Source = ArraySource | FileSource
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100
+def _find_cifar(root: Path, spec: dict) -> Path | None:
+    """The extracted folder or the archive under/at ``root``, or None."""
+    candidates = [root, root / spec["folder"], root / spec["archive"]]
+    for candidate in candidates:
+        if candidate.is_dir() and (candidate / spec["test"][0]).is_file():
+            return candidate
+        if candidate.is_file() and candidate.name.endswith((".tar.gz", ".tgz")):
+            return candidate
+    return None
+
+
+def _read_cifar_batches(location: Path, spec: dict, names: Sequence[str]) -> list[dict]:
+    batches = []
+    try:
+        if location.is_dir():
+            for name in names:
+                with open(location / name, "rb") as handle:
+                    batches.append(pickle.load(handle, encoding="latin1"))
+        else:
+            with tarfile.open(location, "r:gz") as archive:
+                members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
+                for name in names:
+                    if name not in members:
+                        raise DataError(f"{location} has no member '{spec['folder']}/{name}': not a {spec['archive']} archive")
+                    batches.append(pickle.load(archive.extractfile(members[name]), encoding="latin1"))
+    except DataError:
+        raise
+    except FileNotFoundError as error:
+        raise DataError(f"missing CIFAR file: {error.filename}") from None
+    except (pickle.UnpicklingError, EOFError, tarfile.TarError, OSError, ValueError) as error:
+        raise DataError(f"cannot read CIFAR data from {location}: {error}") from None
+    return batches
+
+
+def _cifar_split(location: Path, spec: dict, names: Sequence[str], classes: tuple[str, ...]) -> ArraySource:
+    batches = _read_cifar_batches(location, spec, names)
+    try:
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[spec["label_key"]], dtype=np.int64) for b in batches])
+    except KeyError as error:
+        raise DataError(f"CIFAR batch in {location} lacks the key {error}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"CIFAR batch in {location} holds data of shape {data.shape}, expected (N, 3072)")
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise DataError(f"CIFAR labels in {location} fall outside [0, {len(classes)})")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    return ArraySource(images, labels, classes)
+
+
+def _download_cifar(root: Path, spec: dict) -> Path:
+    from torchvision.datasets.utils import download_url
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        download_url(spec["url"], str(root), spec["archive"], spec["md5"])
+    except Exception as error:  # offline, DNS failure, refused, checksum
+        partial = root / spec["archive"]
+        if partial.exists():
+            partial.unlink()
+        raise DataError(
+            f"no {spec['folder']} or {spec['archive']} under {root}, and the download failed ({error.__class__.__name__}). "
+            f"Put {spec['archive']} (from {spec['url']}) or its extracted {spec['folder']}/ folder in {root}, "
+            f"or pass --data.root=PATH to the folder or the archive.") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return root / spec["archive"]
+
+
+def load_cifar(name: str, root: str | Path, download: bool = True) -> tuple[ArraySource, ArraySource]:
+    """CIFAR-10/100 from ``root``: the extracted folder, its parent, the .tar.gz or its folder."""
+    spec = CIFAR[name]
+    root = Path(root)
+    location = _find_cifar(root, spec)
+    if location is None:
+        if not download:
+            raise DataError(
+                f"no {spec['folder']}/ or {spec['archive']} found at {root}. Download {spec['url']} and put the archive "
+                f"(or its extracted folder) there, or pass --data.root=PATH; --data.download=1 tries to fetch it.")
+        root.mkdir(parents=True, exist_ok=True)
+        location = _download_cifar(root, spec)
+    meta = _read_cifar_batches(location, spec, [spec["meta"]])[0]
+    classes = tuple(meta.get(spec["names_key"], ()))
+    if not classes:
+        raise DataError(f"{location}: '{spec['meta']}' lacks '{spec['names_key']}'")
+    return (_cifar_split(location, spec, spec["train"], classes),
+            _cifar_split(location, spec, spec["test"], classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mini-ImageNet
+MINI_SPLITS = ("train", "val", "test")
+MINI_SIZE = 84
+
+
+def _split_per_class(per_class: dict[str, list], test_per_class: int) -> tuple[list, list, list, list, tuple[str, ...]]:
+    """Pools classes (sorted by name); in each, the *last* ``test_per_class`` items (in file order) are test."""
+    classes = tuple(sorted(per_class))
+    train_items, train_labels, test_items, test_labels = [], [], [], []
+    for label, name in enumerate(classes):
+        items = per_class[name]
+        if len(items) <= test_per_class:
+            raise DataError(f"class {name} has {len(items)} images; --data.mini_test_per_class={test_per_class} leaves none for training")
+        cut = len(items) - test_per_class
+        train_items += items[:cut]
+        train_labels += [label] * cut
+        test_items += items[cut:]
+        test_labels += [label] * test_per_class
+    return train_items, train_labels, test_items, test_labels, classes
+
+
+def load_miniimagenet(root: str | Path, test_per_class: int = 100) -> tuple[Source, Source]:
+    """Mini-ImageNet, all 100 classes pooled (Iscen et al. 2019): 500 train / 100 test per class.
+
+    The split is deterministic: classes are sorted by name (label = rank); within a class, images
+    keep the order of the original split files, and the last ``test_per_class`` of them are test.
+    Reads the pickle caches when present, otherwise ``images/`` + the three csv files (images are
+    resized to 84x84 with Lanczos when they are not already).
+    """
+    root = Path(root)
+    pickles = [root / f"mini-imagenet-cache-{split}.pkl" for split in MINI_SPLITS]
+    csvs = [root / f"{split}.csv" for split in MINI_SPLITS]
+    if all(p.is_file() for p in pickles):
+        return _mini_from_pickles(pickles, test_per_class)
+    if (root / "images").is_dir() and all(c.is_file() for c in csvs):
+        return _mini_from_csv(root, csvs, test_per_class)
+    raise DataError(
+        f"no Mini-ImageNet found at {root}: expected mini-imagenet-cache-{{train,val,test}}.pkl, "
+        f"or an images/ folder with train.csv, val.csv and test.csv. Pass --data.root=PATH.")
+
+
+def _mini_from_pickles(paths: list[Path], test_per_class: int) -> tuple[ArraySource, ArraySource]:
+    arrays, per_class = [], {}
+    offset = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                cache = pickle.load(handle)
+            data = np.asarray(cache["image_data"])
+            class_dict = cache["class_dict"]
+        except (pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{path} is not a Mini-ImageNet cache (needs 'image_data' and 'class_dict'): {error}") from None
+        if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] != 3:
+            raise DataError(f"{path}: image_data must be (N, H, W, 3) uint8, got {data.shape} {data.dtype}")
+        for name, indices in class_dict.items():
+            if name in per_class:
+                raise DataError(f"class {name} appears in more than one cache file")
+            per_class[name] = [offset + int(i) for i in indices]
+        arrays.append(data)
+        offset += len(data)
+    images = np.concatenate(arrays)
+    train_idx, train_lab, test_idx, test_lab, classes = _split_per_class(per_class, test_per_class)
+    return (ArraySource(images[train_idx], np.array(train_lab), classes),
+            ArraySource(images[test_idx], np.array(test_lab), classes))
+
+
+def _mini_from_csv(root: Path, csvs: list[Path], test_per_class: int) -> tuple[FileSource, FileSource]:
+    per_class: dict[str, list] = {}
+    for path in csvs:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    filename, name = row["filename"], row["label"]
+                except KeyError:
+                    raise DataError(f"{path} must have the columns filename,label") from None
+                image = root / "images" / filename
+                if not image.is_file():
+                    raise DataError(f"{path} lists {filename}, which is not in {root / 'images'}")
+                per_class.setdefault(name, []).append(str(image))
+    train_paths, train_lab, test_paths, test_lab, classes = _split_per_class(per_class, test_per_class)
+    size = (MINI_SIZE, MINI_SIZE)
+    return (FileSource(train_paths, np.array(train_lab), classes, resize_to=size),
+            FileSource(test_paths, np.array(test_lab), classes, resize_to=size))
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder
+def _scan_split(split_dir: Path, classes: tuple[str, ...] | None) -> tuple[list[str], list[int], tuple[str, ...]]:
+    if not split_dir.is_dir():
+        raise DataError(f"missing folder {split_dir} (expected <root>/train/<class>/<image> and <root>/test/<class>/<image>)")
+    found = tuple(sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if not found:
+        raise DataError(f"{split_dir} has no class folders")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, filename))
+                    labels.append(label)
+    if not paths:
+        raise DataError(f"{split_dir} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, labels, classes
+
+
+def _check_images(paths: list[str]) -> None:
+    """Opens every file's header so that an unreadable image fails here, before any writing."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def load_folder(root: str | Path, max_resolution: int = 256) -> tuple[FileSource, FileSource]:
+    """ImageFolder layout: ``root/{train,test}/<class>/<image>``; class names from train/, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"folder dataset root {root} does not exist")
+    train_paths, train_labels, classes = _scan_split(root / "train", None)
+    test_paths, test_labels, _ = _scan_split(root / "test", classes)
+    _check_images(train_paths + test_paths)
+    return (FileSource(train_paths, np.array(train_labels), classes, max_side_bound=max_resolution),
+            FileSource(test_paths, np.array(test_labels), classes, max_side_bound=max_resolution))
+
+
+# ---------------------------------------------------------------------------------------------
+def load_synthetic(num_train: int, num_test: int, size: int = 32, seed: int = 0) -> tuple[ArraySource, ArraySource]:
+    """The procedural dataset; train and test come from independent streams of ``seed``."""
+    train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
+    try:
+        train = make_synthetic(num_train, size, seed=train_seed)
+        test = make_synthetic(num_test, size, seed=test_seed)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return ArraySource(*train, CLASS_NAMES), ArraySource(*test, CLASS_NAMES)
+
+
+def n_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``shots`` examples per class, drawn without replacement from ``seed``."""
+    if shots < 1:
+        raise DataError(f"--data.shots must be positive, got {shots}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < shots:
+            raise DataError(f"class {label} has only {len(members)} training images, fewer than --data.shots={shots}")
+        chosen.append(rng.choice(members, size=shots, replace=False))
+    return np.sort(np.concatenate(chosen))

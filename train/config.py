@@ -1,0 +1,154 @@
+"""Every command-line parameter of the project, declared once (fastargs).
+
+All entry points (`data_prep/write_beton.py`, `train/pretrain.py`, `eval/*.py`, `bench/*.py`)
+parse their arguments with :func:`parse_config`, which
+
+* builds a fresh fastargs ``Config`` per call (no process-wide state leaks between runs or tests),
+* reads ``-C file.yaml`` files (repeatable) and ``--section.param=value`` flags from ``argv``
+  (never from ``sys.argv`` implicitly, never from environment variables),
+* rejects keys that no parameter declares (fastargs silently ignores them),
+* validates every value and raises :class:`ConfigError` listing what is wrong.
+
+Booleans are ints (0/1): fastargs' ``Param(bool)`` turns ``--x=False`` into ``True``.
+Library code never reads this module's config: entry points pass explicit arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable, Iterable, Sequence
+
+import yaml
+from fastargs import Config, Param, Section
+from fastargs.validation import And, InRange, OneOf
+from fastargs.exceptions import MissingValueError, ValidationError
+
+DATASETS = ("cifar10", "cifar100", "miniimagenet", "folder", "synthetic")
+WRITE_MODES = ("raw", "jpg", "smart")
+
+
+class UserError(ValueError):
+    """A problem with the user's input (config, files, data): reported as one clear line."""
+
+
+class ConfigError(UserError):
+    """An invalid or unknown configuration value."""
+
+
+def _declare(config: Config) -> None:
+    """Declares every section on ``config``. The only place a parameter is defined."""
+    Section("data", "Datasets: writing betons and reading them", config_descriptor=config).params(
+        dataset=Param(OneOf(DATASETS), "source to convert (write_beton.py)", default="cifar10"),
+        root=Param(str, "raw data location: a folder or an archive; '' = data/raw/<dataset>", default=""),
+        out_dir=Param(str, "where write_beton.py puts <dataset>_{train,test}.beton", default="data"),
+        download=Param(int, "cifar10/100: download when missing and online (0/1)", default=1),
+        shots=Param(int, "also write <dataset>_train_<N>shot.beton with N labelled images per class (0 = no)", default=0),
+        seed=Param(int, "seed of the synthetic data and of the N-shot selection", default=0),
+        write_mode=Param(OneOf(WRITE_MODES), "storage of images larger than 32 px (<=32 px is always raw)", default="raw"),
+        jpeg_quality=Param(And(int, InRange(1, 100)), "JPEG quality for write_mode jpg/smart", default=90),
+        max_resolution=Param(int, "folder: bound on the stored longer side (0 = keep)", default=256),
+        mini_test_per_class=Param(int, "miniimagenet: test images per class (the rest is train)", default=100),
+        synthetic_train=Param(int, "synthetic: training images", default=5000),
+        synthetic_test=Param(int, "synthetic: test images", default=1000),
+        synthetic_size=Param(int, "synthetic: image side in pixels", default=32),
+        num_workers=Param(int, "worker processes for writing and threads for loading (0 = all cores)", default=0),
+        train_beton=Param(str, "training beton read by pretraining and evaluation", default="data/cifar10_train.beton"),
+        test_beton=Param(str, "test beton read by kNN monitoring and evaluation", default="data/cifar10_test.beton"),
+    )
+
+
+def new_config() -> Config:
+    """A fresh fastargs ``Config`` with every section declared."""
+    config = Config()
+    _declare(config)
+    return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _load_yaml(path: str, known: set[str]) -> dict[str, object]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as handle:
+            content = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
+    flat = _flatten(content)
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)} (see --help for the valid ones)")
+    return flat
+
+
+def parse_config(argv: Sequence[str] | None, description: str, sections: Iterable[str]) -> dict[str, dict]:
+    """Parses ``argv`` (``-C file.yaml`` and ``--section.param=value``) into a nested dict.
+
+    Only the parameters of ``sections`` are accepted and returned. ``argv=None`` reads ``sys.argv``.
+    Raises :class:`ConfigError` on unknown keys or invalid values; ``--help`` prints every
+    parameter with its default and exits 0.
+    """
+    sections = tuple(sections)
+    config = new_config()
+    entries = {".".join(path): param for path, param in config.entries.items() if path[0] in sections}
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("-C", "--config-file", action="append", default=[], help="a YAML config file (repeatable)")
+    lines = []
+    for name, param in entries.items():
+        parser.add_argument(f"--{name}", dest=name, default=None, help=argparse.SUPPRESS)
+        lines.append(f"  --{name:<28} {param.desc} [default: {param.default!r}]")
+    parser.epilog = "parameters:\n" + "\n".join(lines)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+    for path in args.config_file:
+        config.collect(_load_yaml(path, set(entries)))
+    config.collect({name: value for name, value in vars(args).items() if name in entries and value is not None})
+
+    errors = config.validate(mode="errordict")
+    problems = []
+    for path, error in errors.items():
+        name = ".".join(path)
+        if name not in entries:
+            continue
+        if isinstance(error, MissingValueError):
+            problems.append(f"--{name} is required")
+        elif isinstance(error, ValidationError):
+            problems.append(f"--{name}={config.content.get(path)!r} is invalid: expected {entries[name].checker.help()}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    resolved: dict[str, dict] = {section: {} for section in sections}
+    for name in entries:
+        section, key = name.split(".", 1)
+        resolved[section][key] = config[name]
+    return resolved
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Runs an entry point: a :class:`UserError` becomes one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug, not a user error: keep the traceback
+        traceback.print_exc()
+        return 1
+    return 0
