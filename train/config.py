@@ -27,6 +27,9 @@ from fastargs.exceptions import MissingValueError, ValidationError
 
 DATASETS = ("cifar10", "cifar100", "miniimagenet", "folder", "synthetic")
 WRITE_MODES = ("raw", "jpg", "smart")
+RANK_VARIANTS = ("tlsm", "nuclear", "nuclear_spectral", "nuclear_frobenius")
+AUGMENT_PRESETS = ("auto", "cifar", "imagenet")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class UserError(ValueError):
@@ -56,6 +59,39 @@ def _declare(config: Config) -> None:
         num_workers=Param(int, "worker processes for writing and threads for loading (0 = all cores)", default=0),
         train_beton=Param(str, "training beton read by pretraining and evaluation", default="data/cifar10_train.beton"),
         test_beton=Param(str, "test beton read by kNN monitoring and evaluation", default="data/cifar10_test.beton"),
+    )
+    Section("cfg", "SimMER pretraining (defaults: the paper's CIFAR-10 run)", config_descriptor=config).params(
+        K=Param(int, "augmented views per image", default=4),
+        batch_size=Param(int, "images per step, global over all processes (each image gives K views)", default=512),
+        epochs=Param(int, "training epochs", default=800),
+        lr=Param(float, "Adam base learning rate; the used one is lr * batch_size / 256", default=1e-3),
+        weight_decay=Param(float, "Adam weight decay", default=1e-6),
+        warmup_epochs=Param(float, "linear warm-up before the cosine decay (epochs)", default=0.0),
+        alpha_h=Param(float, "weight of the entropy term", default=0.1),
+        alpha_r=Param(float, "weight of the rank term", default=2e-4),
+        rank_variant=Param(OneOf(RANK_VARIANTS), "rank term: tlsm, nuclear, nuclear_spectral, nuclear_frobenius", default="nuclear"),
+        rank_bias=Param(int, "append a column of ones to zbar in the rank term (0/1)", default=0),
+        arch=Param(str, "any timm model name (ResNets get the CIFAR stem on images <= 64 px)", default="resnet18"),
+        proj_dim=Param(int, "projector output width D", default=2048),
+        proj_layers=Param(int, "projector layers (0 = 2 for ResNet-18/34, 3 otherwise)", default=0),
+        proj_hidden=Param(int, "projector hidden width (0 = the backbone's width)", default=0),
+        augment=Param(OneOf(AUGMENT_PRESETS), "augmentation recipe: cifar, imagenet (adds blur), auto = by image size", default="auto"),
+        image_size=Param(int, "training crop side (0 = the stored image side)", default=0),
+        seed=Param(int, "seed of the weights, the data order and the augmentations", default=0),
+    )
+    Section("run", "Where and how a run executes", config_descriptor=config).params(
+        dir=Param(str, "run directory (checkpoints, log.jsonl, config); re-running resumes it", default="runs/cifar10_simmer"),
+        device=Param(OneOf(DEVICES), "auto (cuda when available), cpu or cuda", default="auto"),
+        compile=Param(int, "torch.compile the model and the loss (0/1; -1 = on for CUDA)", default=-1),
+        amp=Param(int, "mixed precision for the encoder (0/1; -1 = on for CUDA): bf16, else fp16 + GradScaler", default=-1),
+        knn_every=Param(int, "epochs between kNN evaluations (0 = never; the last epoch always)", default=10),
+        knn_k=Param(int, "kNN monitor: neighbours", default=200),
+        knn_temperature=Param(float, "kNN monitor: temperature", default=0.1),
+        log_every=Param(int, "steps between host syncs for the progress bar and the divergence check", default=20),
+        save_every=Param(int, "also keep checkpoints/epoch_<N>.pt every N epochs (0 = only last.pt)", default=0),
+        steps_per_epoch=Param(int, "stop each epoch after this many steps (0 = the whole beton; for smoke tests)", default=0),
+        dry_run=Param(int, "print the resolved config and exit (0/1)", default=0),
+        progress=Param(int, "progress bars (0/1)", default=1),
     )
 
 
