@@ -11,8 +11,9 @@ It yields :class:`Batch` ``(images, labels)``: ``images`` uint8 (B, 3, H, W) wit
 strides on the requested device, ``labels`` int64 (B,). **Batches are reused buffers**: clone
 what you keep past the next iteration.
 
-Importing ffcv sets torch's thread count to 1 (and iterating sets it to ``num_workers``); the
-loader restores the caller's thread count after each such change it causes.
+ffcv sets torch's intra-op thread count as a side effect (to 1 on import, to ``num_workers`` on
+every epoch, from its worker thread). :func:`import_ffcv` restores the caller's count after the
+import and makes ffcv set only numba's threads, so torch's threads stay the caller's choice.
 """
 from __future__ import annotations
 
@@ -55,13 +56,29 @@ class BetonInfo:
         return self.image_sizes[0] if len(self.image_sizes) == 1 else None
 
 
+def import_ffcv() -> None:
+    """Imports ffcv without letting it change torch's thread count, now or later."""
+    threads = torch.get_num_threads()
+    from ffcv.pipeline.compiler import Compiler
+
+    if not getattr(Compiler, "_numba_threads_only", False):
+        import numba
+
+        def set_num_threads(cls, n: int) -> None:  # ffcv's version also calls torch.set_num_threads
+            cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+            numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+        Compiler.set_num_threads = classmethod(set_num_threads)
+        Compiler._numba_threads_only = True
+    torch.set_num_threads(threads)
+
+
 def inspect_beton(path: str | Path) -> BetonInfo:
     """Checks that ``path`` is a complete beton with ``image`` and ``label`` fields; describes it."""
-    threads = torch.get_num_threads()
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
-    torch.set_num_threads(threads)
 
     path = Path(path)
     if not path.is_file():
@@ -131,7 +148,7 @@ class BetonLoader:
             raise DataError(f"image size must be positive, got {image_size}")
         self.image_size = image_size or stored[0]
 
-        threads = torch.get_num_threads()
+        import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -147,12 +164,10 @@ class BetonLoader:
             "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(self.device, non_blocking=non_blocking)],
         }
         self.batch_size = batch_size
-        self._threads = threads
         self._loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers if num_workers > 0 else (os.cpu_count() or 1),
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train,
             distributed=self.distributed, seed=seed, pipelines=pipelines, batches_ahead=batches_ahead)
-        torch.set_num_threads(threads)
         if len(self._loader) == 0:
             raise DataError(f"batch size {batch_size} is larger than the {self.info.num_samples} images of {path} "
                             "(training drops incomplete batches)")
@@ -177,9 +192,6 @@ class BetonLoader:
         iterator = iter(self._loader)
         try:
             for images, labels in iterator:
-                # ffcv's worker thread sets torch's thread count to num_workers: restore ours.
-                if torch.get_num_threads() != self._threads:
-                    torch.set_num_threads(self._threads)
                 yield Batch(images, labels)
         finally:
             close = getattr(iterator, "close", None)

@@ -89,6 +89,7 @@ def _declare(config: Config) -> None:
         knn_temperature=Param(float, "kNN monitor: temperature", default=0.1),
         log_every=Param(int, "steps between host syncs for the progress bar and the divergence check", default=20),
         save_every=Param(int, "also keep checkpoints/epoch_<N>.pt every N epochs (0 = only last.pt)", default=0),
+        stop_after_epochs=Param(int, "checkpoint and exit after this many epochs in this invocation (0 = run to the end)", default=0),
         steps_per_epoch=Param(int, "stop each epoch after this many steps (0 = the whole beton; for smoke tests)", default=0),
         dry_run=Param(int, "print the resolved config and exit (0/1)", default=0),
         progress=Param(int, "progress bars (0/1)", default=1),

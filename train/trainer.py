@@ -72,8 +72,9 @@ def validate_config(config: dict, check_files: bool = True) -> None:
         problems.append("cfg.alpha_h and cfg.alpha_r must be >= 0")
     if cfg["proj_dim"] < 1 or cfg["proj_layers"] < 0 or cfg["proj_hidden"] < 0 or cfg["image_size"] < 0:
         problems.append("cfg.proj_dim must be >= 1; cfg.proj_layers, cfg.proj_hidden, cfg.image_size >= 0")
-    if run["knn_every"] < 0 or run["log_every"] < 1 or run["save_every"] < 0 or run["steps_per_epoch"] < 0:
-        problems.append("run.knn_every, run.save_every, run.steps_per_epoch must be >= 0 and run.log_every >= 1")
+    if min(run["knn_every"], run["save_every"], run["steps_per_epoch"], run["stop_after_epochs"]) < 0 or run["log_every"] < 1:
+        problems.append("run.knn_every, run.save_every, run.steps_per_epoch, run.stop_after_epochs must be >= 0 "
+                        "and run.log_every >= 1")
     import timm
     if not timm.is_model(cfg["arch"]):
         problems.append(f"cfg.arch={cfg['arch']!r} is not a timm model (e.g. resnet18, resnet50)")
@@ -377,6 +378,9 @@ def pretrain(config: dict) -> dict:
                 line["knn_top5"] = accuracy["top5"]
             if world > 1:
                 torch.distributed.barrier()
+            epochs_this_run = epoch + 1 - start_epoch
+            if run["stop_after_epochs"] and epochs_this_run >= run["stop_after_epochs"] and not last_epoch:
+                interrupted = True
             if is_main:
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
@@ -384,8 +388,13 @@ def pretrain(config: dict) -> dict:
                 if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
                     save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt", checkpoint_state(epoch + 1, 0, None))
                 knn_text = f", kNN top-1 {line['knn_top1']:.2%}" if "knn_top1" in line else ""
-                print(f"epoch {epoch + 1}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, entropy {line['entropy']:.3f}, "
+                print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, entropy {line['entropy']:.3f}, "
                       f"rank {line['rank']:.1f}), {line['images_per_s']:.0f} img/s{knn_text}", flush=True)
+                if interrupted:
+                    print(f"stopping after {epochs_this_run} epoch(s) as run.stop_after_epochs asks; re-run to continue",
+                          flush=True)
+            if interrupted:
+                break
 
     seconds = time.perf_counter() - run_start
     summary = {"run_dir": str(run_dir), "epochs_done": step // max(1, steps_per_epoch), "steps": step,

@@ -1,0 +1,190 @@
+"""Pretraining end to end: the real CLI entry point on a tiny synthetic beton, in process."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from data_prep.sources import load_synthetic
+from data_prep.writer import write_betons
+from train.config import run_cli
+from train.model import apply_cifar_stem
+from train.pretrain import main as pretrain_main
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
+LOSS_KEYS = ("loss", "tv", "entropy", "rank")
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("betons")
+    train, test = load_synthetic(96, 48, size=16, seed=0)
+    paths = {"train": folder / "train.beton", "test": folder / "test.beton"}
+    write_betons({paths["train"]: train, paths["test"]: test}, num_workers=1)
+    return paths
+
+
+def tiny_args(betons: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [f"--data.train_beton={betons['train']}", f"--data.test_beton={betons['test']}", f"--run.dir={run_dir}",
+            "--cfg.arch=test_resnet", "--cfg.batch_size=16", "--cfg.K=2", "--cfg.epochs=2", "--cfg.proj_dim=32",
+            "--run.device=cpu", "--run.progress=0", "--run.knn_every=1", "--run.knn_k=10", "--run.compile=0",
+            "--data.num_workers=1", "--run.log_every=2", *extra]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path):
+    summary = pretrain_main(tiny_args(betons, tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    log = read_log(run_dir)
+    assert [line["epoch"] for line in log] == [1, 2]
+    for line in log:
+        for key in (*LOSS_KEYS, "lr", "images_per_s", "knn_top1", "zbar_std", "zbar_effective_rank", "zbar_nn_distance"):
+            assert key in line and isinstance(line[key], float) and line[key] == line[key], key
+        assert 0.0 <= line["knn_top1"] <= 1.0
+        assert line["loss"] == pytest.approx(line["tv"] + 0.1 * line["entropy"] + 2e-4 * line["rank"], rel=1e-4, abs=1e-5)
+    assert log[0]["loss"] != log[1]["loss"]
+    assert log[1]["lr"] < log[0]["lr"]  # cosine decay
+    assert summary["knn_top1"] == log[-1]["knn_top1"] and not summary["interrupted"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2 * (96 // 16)
+    assert not any(key.startswith("_orig_mod") for key in checkpoint["model"])
+    assert (run_dir / "config.yaml").read_text().count("test_resnet") == 1
+    backbone = apply_cifar_stem(timm.create_model("test_resnet", pretrained=False, num_classes=0))
+    backbone.load_state_dict(torch.load(run_dir / "backbone.pt", weights_only=True))
+    for name, tensor in backbone.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint["model"][f"backbone.{name}"], msg=name)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_is_exact(betons, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain_main(tiny_args(betons, straight, "--run.knn_every=0"))
+    first = pretrain_main(tiny_args(betons, resumed, "--run.knn_every=0", "--run.stop_after_epochs=1"))
+    assert first["interrupted"] and len(read_log(resumed)) == 1
+    assert not (resumed / "backbone.pt").exists()
+    pretrain_main(tiny_args(betons, resumed, "--run.knn_every=0"))
+    for a, b in zip(read_log(straight), read_log(resumed), strict=True):
+        assert a["epoch"] == b["epoch"]
+        for key in LOSS_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+    straight_weights, resumed_weights = _weights(straight), _weights(resumed)
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _script(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=cwd, env=env, text=True, **popen)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(betons, tmp_path):
+    """SIGTERM mid-epoch: the step finishes, a checkpoint is written, exit 0; the resume equals a straight run.
+
+    All runs are subprocesses so that they share one numerical environment (thread pools).
+    """
+    args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=1", "--run.progress=1", "--run.log_every=1")
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        process = _script(args, tmp_path, stdout=subprocess.PIPE, stderr=stderr)
+        deadline = time.time() + 120
+        while time.time() < deadline and not re.search(r"\| *[1-9]/6 ", stderr_path.read_text()):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr_path.read_text()[-2000:]
+    stopped = re.search(r"stopped in epoch 1 after step (\d)/6", stdout)
+    assert stopped, stdout
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 0 and checkpoint["batch_in_epoch"] == int(stopped.group(1)) < 6
+    assert not (tmp_path / "run" / "log.jsonl").read_text()
+    resume = _script(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    straight = _script(tiny_args(betons, tmp_path / "straight", "--run.knn_every=0", "--cfg.epochs=1"), tmp_path,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed_out, _ = resume.communicate(timeout=120)
+    assert resume.wait() == 0 and straight.wait(timeout=120) == 0
+    assert f"resuming {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1, step {int(stopped.group(1)) + 1}" in resumed_out
+    resumed, straight_log = read_log(tmp_path / "run"), read_log(tmp_path / "straight")
+    assert resumed[0]["loss"] == pytest.approx(straight_log[0]["loss"], rel=1e-6, abs=1e-7)
+    for name, tensor in _weights(tmp_path / "straight").items():
+        torch.testing.assert_close(_weights(tmp_path / "run")[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_collapse_is_flagged_without_entropy_and_rank(betons, tmp_path):
+    common = ("--run.knn_every=0", "--cfg.epochs=3", "--cfg.lr=0.01")
+    with pytest.warns(UserWarning, match="collapsed"):
+        pretrain_main(tiny_args(betons, tmp_path / "collapse", *common, "--cfg.alpha_h=0", "--cfg.alpha_r=0"))
+    pretrain_main(tiny_args(betons, tmp_path / "default", *common))
+    collapsed, healthy = read_log(tmp_path / "collapse")[-1], read_log(tmp_path / "default")[-1]
+    assert collapsed["collapsed"] and not healthy["collapsed"]
+    assert healthy["zbar_effective_rank"] > 2 * collapsed["zbar_effective_rank"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--cfg.K=1", "cfg.K must be >= 2"),
+    ("--cfg.batch_size=1", "cfg.batch_size must be >= 2"),
+    ("--cfg.rank_variant=trace", "cfg.rank_variant='trace' is invalid"),
+    ("--cfg.arch=resnet_of_dreams", "not a timm model"),
+    ("--data.train_beton=/nonexistent/x.beton", "beton not found"),
+    ("--run.device=tpu", "run.device='tpu' is invalid"),
+])
+def test_bad_configs_fail_before_any_work(betons, tmp_path, capsys, flag, message):
+    assert run_cli(pretrain_main, tiny_args(betons, tmp_path / "run", flag)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_yaml_key_and_dry_run(betons, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cfg:\n  K: 4\n  alpha_hh: 0.1\n")
+    assert run_cli(pretrain_main, ["-C", str(bad)]) == 2
+    assert "cfg.alpha_hh" in capsys.readouterr().err
+    config = pretrain_main(["-C", str(REPO / "configs" / "demo.yaml"), "--cfg.K=10", "--run.dry_run=1"])
+    out = capsys.readouterr().out
+    assert config["cfg"]["K"] == 10 and "K: 10" in out and "synthetic_train.beton" in out
+
+
+def test_incompatible_checkpoint_is_refused_and_k_change_allowed(betons, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
+    assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.proj_dim=64")) == 2
+    assert "another architecture" in capsys.readouterr().err
+    summary = pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.K=3"))
+    assert summary["steps"] == 12 and [line["epoch"] for line in read_log(run_dir)] == [1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(betons, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.lr=1e30")) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_torchrun_two_processes_gloo(betons, tmp_path):
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+         str(REPO / "train" / "pretrain.py"), *tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=1")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt"]
+    log = read_log(tmp_path / "run")
+    assert len(log) == 1 and log[0]["step"] == 96 // 16 and "knn_top1" in log[0]

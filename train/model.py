@@ -1,0 +1,315 @@
+"""SimMER encoder: a timm backbone plus SimSiam's projection MLP.
+
+The encoder F maps every augmented view to a D-dimensional representation. The K views of a
+batch of B images go through ONE forward pass, as a (K·B, 3, H, W) batch, in channels-last
+memory format::
+
+    encoder = build_encoder("resnet18", image_size=32)     # CIFAR stem, 2-layer projector
+    views = augment(images)                                 # (K, B, 3, 32, 32), see augment/
+    z = encoder(views)                                      # (K, B, 2048)
+    feats = encoder.forward_features(images_normalised)     # (B, 512) pooled backbone features
+
+Backbone: any timm model by name, created with ``num_classes=0`` so that it returns pooled
+features (N, F), F = ``backbone.num_features``. For ResNets on images of 64 px or less we use
+the CIFAR stem (3×3 stride-1 first conv, no max-pool); timm has no argument for it, so
+:func:`apply_cifar_stem` swaps the two modules.
+
+Projector (SimSiam, Chen & He 2020): ``num_layers − 1`` blocks of Linear(no bias)–BN–ReLU, then
+Linear(no bias)–BN(affine=False). Two layers for ResNet-18/34 (basic-block ResNets), three
+otherwise (ResNet-50); hidden width = F; output D = 2048. The projector's BatchNorm sees all K·B
+views of a step at once.
+
+Saving and loading the backbone alone
+-------------------------------------
+:func:`save_backbone` writes the backbone's ``state_dict`` (plain CPU tensors, readable with
+``torch.load(path, weights_only=True)``). Its keys are timm's own, so plain timm reads it::
+
+    import timm, torch
+    from train.model import apply_cifar_stem
+
+    backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    apply_cifar_stem(backbone)          # only if trained with the CIFAR stem (32-px data)
+    backbone.load_state_dict(torch.load("backbone.pt", weights_only=True))
+
+or, equivalently, ``load_backbone("resnet18", "backbone.pt", image_size=32)``. Whether the stem
+was used follows :func:`use_cifar_stem` (ResNet family and images of 64 px or less).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import ResNet
+from timm.models.resnet import BasicBlock
+from torch import nn
+
+__all__ = [
+    "CIFAR_STEM_MAX_SIZE",
+    "SimMEREncoder",
+    "apply_cifar_stem",
+    "build_backbone",
+    "build_encoder",
+    "build_projector",
+    "default_projector_layers",
+    "load_backbone",
+    "save_backbone",
+    "use_cifar_stem",
+]
+
+CIFAR_STEM_MAX_SIZE = 64
+"""Largest image side (pixels) for which ResNets get the CIFAR stem."""
+
+
+def _check_arch(arch: str) -> None:
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r} (see timm.list_models())")
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model(arch: str) -> nn.Module:
+    """The architecture ``arch`` built on the meta device (no memory, no init cost)."""
+    _check_arch(arch)
+    with torch.device("meta"):
+        return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def _is_resnet(arch: str) -> bool:
+    return isinstance(_meta_model(arch), ResNet)
+
+
+def use_cifar_stem(arch: str, image_size: int) -> bool:
+    """Whether ``arch`` should get the CIFAR stem for images of side ``image_size``.
+
+    True for timm ResNets (``timm.models.ResNet``: resnet18/34/50, resnet50d, resnext, ...) on
+    images of :data:`CIFAR_STEM_MAX_SIZE` (64) pixels or less; False otherwise.
+
+    Raises:
+        ValueError: ``arch`` is not a timm model name.
+    """
+    return image_size <= CIFAR_STEM_MAX_SIZE and _is_resnet(arch)
+
+
+def default_projector_layers(arch: str) -> int:
+    """SimSiam's projector depth for ``arch``: 2 for basic-block ResNets (ResNet-18/34), else 3.
+
+    Raises:
+        ValueError: ``arch`` is not a timm model name.
+    """
+    model = _meta_model(arch)
+    if isinstance(model, ResNet) and isinstance(model.layer1[0], BasicBlock):
+        return 2
+    return 3
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """Give a timm ResNet the CIFAR stem, in place: 3×3 stride-1 first conv, no max-pool.
+
+    ``conv1`` becomes ``Conv2d(in, out, 3, stride=1, padding=1, bias=False)`` with the same
+    channel counts (freshly initialised, as timm initialises convs), and ``maxpool`` becomes
+    ``nn.Identity``, so a 32×32 input stays 32×32 through ``layer1``. For deep-stem ResNets
+    (``resnet50d``, where ``conv1`` is a Sequential of three 3×3 convs) the first, stride-2
+    conv of the stem is replaced by a stride-1 one. Parameter names are unchanged except that
+    a single-conv stem keeps the name ``conv1.weight``, so a state_dict saved from a model with
+    the stem loads into ``apply_cifar_stem(timm.create_model(name, num_classes=0))``.
+
+    Returns:
+        the same ``model``, for chaining.
+
+    Raises:
+        ValueError: ``model`` has no ``conv1``/``maxpool`` stem of that kind (not a ResNet).
+    """
+    conv = getattr(model, "conv1", None)
+    if not hasattr(model, "maxpool") or conv is None:
+        raise ValueError(
+            f"the CIFAR stem needs a ResNet-style model with `conv1` and `maxpool`; "
+            f"{type(model).__name__} has no such stem"
+        )
+    if isinstance(conv, nn.Conv2d):
+        parent, name, old = model, "conv1", conv
+    elif isinstance(conv, nn.Sequential) and len(conv) > 0 and isinstance(conv[0], nn.Conv2d):
+        parent, name, old = conv, "0", conv[0]
+    else:
+        raise ValueError(
+            f"the CIFAR stem needs `conv1` to be a Conv2d (or a Sequential starting with one); "
+            f"got {type(conv).__name__}"
+        )
+    new = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    setattr(parent, name, new)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_backbone(arch: str, cifar_stem: bool) -> nn.Module:
+    """A randomly initialised timm model returning pooled features (N, F).
+
+    Args:
+        arch: any timm model name (``resnet18``, ``resnet50``, ...).
+        cifar_stem: replace the stem by the CIFAR one (:func:`apply_cifar_stem`).
+
+    Returns:
+        ``timm.create_model(arch, pretrained=False, num_classes=0)``, maybe with the CIFAR stem;
+        ``.num_features`` is F.
+
+    Raises:
+        ValueError: unknown ``arch``, or ``cifar_stem`` on a model without a ResNet stem.
+    """
+    _check_arch(arch)
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    if cifar_stem:
+        apply_cifar_stem(model)
+    return model
+
+
+def build_projector(
+    in_dim: int, hidden_dim: int | None = None, out_dim: int = 2048, num_layers: int = 2
+) -> nn.Sequential:
+    """SimSiam's projection MLP: (N, in_dim) -> (N, out_dim).
+
+    ``num_layers − 1`` blocks of Linear(bias=False)–BatchNorm1d–ReLU, then
+    Linear(bias=False)–BatchNorm1d(affine=False). ``hidden_dim`` defaults to ``in_dim``
+    (SimSiam: F→F for ResNet-18 with 2 layers, 2048→2048 for ResNet-50 with 3).
+
+    Raises:
+        ValueError: ``num_layers < 1`` or a non-positive width.
+    """
+    hidden_dim = in_dim if hidden_dim is None else hidden_dim
+    if num_layers < 1:
+        raise ValueError(f"projector needs num_layers >= 1, got {num_layers}")
+    if min(in_dim, hidden_dim, out_dim) < 1:
+        raise ValueError(f"projector widths must be positive, got {in_dim=}, {hidden_dim=}, {out_dim=}")
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        width = hidden_dim
+    layers += [nn.Linear(width, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False)]
+    return nn.Sequential(*layers)
+
+
+class SimMEREncoder(nn.Module):
+    """Backbone + projector. ``forward`` takes all views at once.
+
+    Attributes:
+        backbone: timm model with ``num_classes=0``: (N, 3, H, W) -> (N, F).
+        projector: MLP (N, F) -> (N, D).
+        num_features: F.  out_dim: D.
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.num_features: int = int(getattr(backbone, "num_features"))
+        last = [m for m in projector.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))][-1]
+        self.out_dim: int = last.num_features if isinstance(last, nn.BatchNorm1d) else last.out_features
+
+    @staticmethod
+    def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if x.ndim == 5:
+            lead = tuple(x.shape[:2])
+            x = x.flatten(0, 1)
+        elif x.ndim == 4:
+            lead = (x.shape[0],)
+        else:
+            raise ValueError(f"expected images (N, C, H, W) or views (K, B, C, H, W), got shape {tuple(x.shape)}")
+        return x.contiguous(memory_format=torch.channels_last), lead
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features: (N, 3, H, W) -> (N, F), or (K, B, 3, H, W) -> (K, B, F)."""
+        x, lead = self._flat(x)
+        return self.backbone(x).reshape(*lead, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Representations z: (K, B, 3, H, W) -> (K, B, D), or (N, 3, H, W) -> (N, D).
+
+        The K·B views go through the backbone and projector as one (K·B, 3, H, W) batch
+        (view-major: ``z[k, b]`` is view k of image b, as the input).
+        """
+        x, lead = self._flat(x)
+        return self.projector(self.backbone(x)).reshape(*lead, -1)
+
+
+def build_encoder(
+    arch: str,
+    image_size: int,
+    proj_dim: int = 2048,
+    proj_layers: int | None = None,
+    proj_hidden: int | None = None,
+    cifar_stem: bool | None = None,
+) -> SimMEREncoder:
+    """The SimMER encoder for ``arch`` on images of side ``image_size``, in channels-last.
+
+    Args:
+        arch: timm model name.
+        image_size: side of the (augmented) training images; decides the stem.
+        proj_dim: D, the projector's output width (2048).
+        proj_layers: projector depth; None -> :func:`default_projector_layers` (2 for
+            ResNet-18/34, 3 otherwise).
+        proj_hidden: projector hidden width; None -> F (``backbone.num_features``).
+        cifar_stem: force the stem choice; None -> :func:`use_cifar_stem`.
+
+    Raises:
+        ValueError: unknown ``arch``; bad projector sizes; forced CIFAR stem on a non-ResNet.
+    """
+    _check_arch(arch)
+    stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
+    layers = default_projector_layers(arch) if proj_layers is None else proj_layers
+    backbone = build_backbone(arch, stem)
+    projector = build_projector(backbone.num_features, proj_hidden, proj_dim, layers)
+    return SimMEREncoder(backbone, projector).to(memory_format=torch.channels_last)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module under a torch.compile / DDP wrapper."""
+    while True:
+        if isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def save_backbone(encoder: nn.Module, path: str | os.PathLike) -> None:
+    """Write the backbone's state_dict to ``path`` (atomically).
+
+    ``encoder`` is a :class:`SimMEREncoder` (possibly compiled or DDP-wrapped) or a backbone.
+    Tensors are detached, contiguous and on CPU; keys are timm's (no ``_orig_mod.`` /
+    ``module.`` prefixes). Read it back with :func:`load_backbone` or plain timm (module doc).
+    """
+    module = _unwrap(encoder)
+    backbone = _unwrap(module.backbone) if isinstance(module, SimMEREncoder) else module
+    state = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_backbone(arch: str, path: str | os.PathLike, image_size: int, cifar_stem: bool | None = None) -> nn.Module:
+    """A fresh timm ``arch`` (stem as :func:`use_cifar_stem` decides) with the weights at ``path``.
+
+    Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        RuntimeError: the weights do not fit ``arch`` (``load_state_dict``'s message).
+    """
+    stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
+    backbone = build_backbone(arch, stem)
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    backbone.load_state_dict(state)
+    return backbone
