@@ -126,13 +126,14 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(betons, tmp_path):
 
 
 def test_collapse_is_flagged_without_entropy_and_rank(betons, tmp_path):
-    common = ("--run.knn_every=0", "--cfg.epochs=3", "--cfg.lr=0.01")
+    common = ("--run.knn_every=0", "--cfg.epochs=40", "--cfg.lr=0.01")
     with pytest.warns(UserWarning, match="collapsed"):
         pretrain_main(tiny_args(betons, tmp_path / "collapse", *common, "--cfg.alpha_h=0", "--cfg.alpha_r=0"))
+    assert not read_log(tmp_path / "collapse")[0]["collapsed"]
     pretrain_main(tiny_args(betons, tmp_path / "default", *common))
     collapsed, healthy = read_log(tmp_path / "collapse")[-1], read_log(tmp_path / "default")[-1]
     assert collapsed["collapsed"] and not healthy["collapsed"]
-    assert healthy["zbar_effective_rank"] > 2 * collapsed["zbar_effective_rank"]
+    assert healthy["zbar_effective_rank"] > 1.5 * collapsed["zbar_effective_rank"]
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -181,7 +182,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(betons, tmp_path, c
 def test_torchrun_two_processes_gloo(betons, tmp_path):
     env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "train" / "pretrain.py"), *tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=1")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

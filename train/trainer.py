@@ -48,6 +48,7 @@ from train.model import build_encoder, save_backbone
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
+COLLAPSE_RANK_DROP = 0.4  # ... or below this fraction of the run's highest effective rank so far
 COLLAPSE_STD = 1e-3  # per-dimension std of zbar below this: collapse to a point
 
 
@@ -101,15 +102,21 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0) ->
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def health(zbar: torch.Tensor) -> dict[str, float]:
-    """Collapse indicators of zbar (B, D): mean per-dimension std, effective rank, mean NN distance."""
+def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
+    """Collapse indicators of zbar (B, D): mean per-dimension std, effective rank, mean NN distance.
+
+    ``collapsed`` is a heuristic: the effective rank is below 2, or below 40 % of ``peak_rank`` (the
+    highest effective rank the run has logged: dimensions are being lost), or the spread is ~0.
+    """
     zbar = zbar.detach().float()
     figures = {
         "zbar_std": zbar.std(dim=0).mean().item(),
         "zbar_effective_rank": effective_rank(zbar).item(),
         "zbar_nn_distance": nearest_neighbour_distance(zbar).item(),
     }
-    figures["collapsed"] = bool(figures["zbar_effective_rank"] < COLLAPSE_RANK or figures["zbar_std"] < COLLAPSE_STD)
+    rank = figures["zbar_effective_rank"]
+    figures["collapsed"] = bool(rank < COLLAPSE_RANK or rank < COLLAPSE_RANK_DROP * peak_rank
+                                or figures["zbar_std"] < COLLAPSE_STD)
     return figures
 
 
@@ -173,6 +180,11 @@ def _amp_settings(run: dict, device: torch.device) -> tuple[bool, torch.dtype | 
     if device.type == "cuda":
         return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return True, torch.bfloat16
+
+
+def _divergence_message(epoch: int, step: int, detail: str, checkpoint_path: Path) -> str:
+    return (f"the loss became non-finite at epoch {epoch + 1}, step {step} ({detail}); the last good checkpoint "
+            f"{checkpoint_path} is kept. Lower cfg.lr or check cfg.alpha_h / cfg.alpha_r.")
 
 
 def _read_log(path: Path, upto_epoch: int) -> list[dict]:
@@ -288,6 +300,7 @@ def pretrain(config: dict) -> dict:
     run_start = time.perf_counter()
     images_seen = 0
     last_knn = next((line["knn_top1"] for line in reversed(history) if "knn_top1" in line), None)
+    peak_rank = max((line.get("zbar_effective_rank", 0.0) for line in history), default=0.0)
     warned_cpu = device.type == "cuda"
     interrupted = False
     zbar = None
@@ -314,7 +327,10 @@ def pretrain(config: dict) -> dict:
                     continue
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, peak_lr, warmup_steps)
-                parts, zbar = train_step(batch.images)
+                try:
+                    parts, zbar = train_step(batch.images)
+                except torch.linalg.LinAlgError as error:  # the SVD met NaN/inf representations
+                    raise TrainingDiverged(_divergence_message(epoch, step, str(error).split(":")[0], checkpoint_path)) from None
                 sums += parts
                 step += 1
                 done = batch_index + 1
@@ -325,10 +341,8 @@ def pretrain(config: dict) -> dict:
                 if step % run["log_every"] == 0 or done == steps_per_epoch:
                     values = parts.tolist()  # the one host sync of the window
                     if not all(math.isfinite(v) for v in values):
-                        raise TrainingDiverged(
-                            f"the loss became non-finite at epoch {epoch + 1}, step {step} "
-                            f"({', '.join(f'{n}={v:.4g}' for n, v in zip(PART_NAMES, values))}); "
-                            f"the last good checkpoint {checkpoint_path} is kept. Lower cfg.lr or check cfg.alpha_*.")
+                        detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(PART_NAMES, values))
+                        raise TrainingDiverged(_divergence_message(epoch, step, detail, checkpoint_path))
                     rate = window_images / max(time.perf_counter() - window_start, 1e-9)
                     window_start, window_images = time.perf_counter(), 0
                     if bar is not None:
@@ -365,7 +379,8 @@ def pretrain(config: dict) -> dict:
                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": epoch_images / max(epoch_seconds, 1e-9),
                     "epoch_seconds": epoch_seconds, "step": step}
             if zbar is not None:
-                line.update(health(zbar))
+                line.update(health(zbar, peak_rank))
+                peak_rank = max(peak_rank, line["zbar_effective_rank"])
                 if line["collapsed"] and is_main:
                     warnings.warn(f"epoch {epoch + 1}: the representation looks collapsed (effective rank of zbar "
                                   f"{line['zbar_effective_rank']:.2f}, std {line['zbar_std']:.2e}); "
