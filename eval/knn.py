@@ -1,8 +1,23 @@
-"""Weighted kNN classification on L2-normalised backbone features (Wu et al. 2018): the SSL monitor."""
+"""Weighted kNN classification on L2-normalised backbone features (Wu et al. 2018).
+
+The kNN monitor of pretraining and the ``python eval/knn.py`` protocol::
+
+    python eval/knn.py --eval.checkpoint=runs/cifar10_simmer/checkpoints/last.pt
+    python eval/knn.py --eval.checkpoint=random --cfg.arch=resnet18      # the baseline
+
+The training beton is the memory bank, the test beton the queries; k=200, t=0.1 by default.
+"""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 @torch.no_grad()
@@ -53,3 +68,30 @@ def evaluate_knn(backbone: torch.nn.Module, bank_loader, query_loader, transform
     bank, bank_labels = extract_features(backbone, bank_loader, transform, progress=progress, desc="kNN bank")
     queries, query_labels = extract_features(backbone, query_loader, transform, progress=progress, desc="kNN queries")
     return knn_accuracy(bank, bank_labels, queries, query_labels, k, temperature)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parses ``argv``, runs the kNN protocol, writes and returns the results."""
+    from eval.common import EVAL_SECTIONS, default_out, prepare, write_results
+    from train.config import parse_config
+
+    explicit: set[str] = set()
+    config = parse_config(argv, __doc__, (*EVAL_SECTIONS, "knn"), explicit)
+    evaluation, knn, data = config["eval"], config["knn"], config["data"]
+    setup = prepare(config, explicit)
+    start = time.perf_counter()
+    loaders = [setup.eval_loader(path, evaluation["batch_size"], data["num_workers"])
+               for path in (data["train_beton"], data["test_beton"])]
+    accuracy = evaluate_knn(setup.backbone, *loaders, setup.eval_transform(), k=knn["k"],
+                            temperature=knn["temperature"], progress=bool(evaluation["progress"]))
+    results = {"protocol": "knn", **accuracy, "k": knn["k"], "temperature": knn["temperature"],
+               "checkpoint": setup.source, "arch": setup.arch_cfg["arch"], "train_beton": data["train_beton"],
+               "test_beton": data["test_beton"], "seconds": time.perf_counter() - start}
+    write_results(default_out(setup, evaluation["out"], "knn"), results)
+    return results
+
+
+if __name__ == "__main__":
+    from train.config import run_cli
+
+    sys.exit(run_cli(main))

@@ -131,3 +131,10 @@ def make_folder(root: Path) -> None:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, size=(28, 28, 3), dtype=np.uint8)).save(buffer, format="JPEG")
     (root / "test" / "dog" / "g.jpeg").write_bytes(buffer.getvalue())
+
+
+def tiny_args(betons: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [f"--data.train_beton={betons['train']}", f"--data.test_beton={betons['test']}", f"--run.dir={run_dir}",
+            "--cfg.arch=test_resnet", "--cfg.batch_size=16", "--cfg.K=2", "--cfg.epochs=2", "--cfg.proj_dim=32",
+            "--run.device=cpu", "--run.progress=0", "--run.knn_every=1", "--run.knn_k=10", "--run.compile=0",
+            "--data.num_workers=1", "--run.log_every=2", *extra]

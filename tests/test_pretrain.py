@@ -14,8 +14,7 @@ import pytest
 import timm
 import torch
 
-from data_prep.sources import load_synthetic
-from data_prep.writer import write_betons
+from data_fixtures import tiny_args
 from train.config import run_cli
 from train.model import apply_cifar_stem
 from train.pretrain import main as pretrain_main
@@ -23,22 +22,6 @@ from train.pretrain import main as pretrain_main
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 LOSS_KEYS = ("loss", "tv", "entropy", "rank")
-
-
-@pytest.fixture(scope="module")
-def betons(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("betons")
-    train, test = load_synthetic(96, 48, size=16, seed=0)
-    paths = {"train": folder / "train.beton", "test": folder / "test.beton"}
-    write_betons({paths["train"]: train, paths["test"]: test}, num_workers=1)
-    return paths
-
-
-def tiny_args(betons: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    return [f"--data.train_beton={betons['train']}", f"--data.test_beton={betons['test']}", f"--run.dir={run_dir}",
-            "--cfg.arch=test_resnet", "--cfg.batch_size=16", "--cfg.K=2", "--cfg.epochs=2", "--cfg.proj_dim=32",
-            "--run.device=cpu", "--run.progress=0", "--run.knn_every=1", "--run.knn_k=10", "--run.compile=0",
-            "--data.num_workers=1", "--run.log_every=2", *extra]
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 from train.config import UserError
 
 # Config keys that must match to resume: they change the weights' shapes or meaning.
-ARCHITECTURE_KEYS = ("arch", "proj_dim", "proj_layers", "proj_hidden", "image_size")
+ARCHITECTURE_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size")
 
 
 class CheckpointError(UserError):

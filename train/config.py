@@ -72,6 +72,7 @@ def _declare(config: Config) -> None:
         rank_variant=Param(OneOf(RANK_VARIANTS), "rank term: tlsm, nuclear, nuclear_spectral, nuclear_frobenius", default="nuclear"),
         rank_bias=Param(int, "append a column of ones to zbar in the rank term (0/1)", default=0),
         arch=Param(str, "any timm model name (ResNets get the CIFAR stem on images <= 64 px)", default="resnet18"),
+        cifar_stem=Param(int, "3x3 stride-1 stem, no max-pool (1/0; -1 = for ResNets on images <= 64 px)", default=-1),
         proj_dim=Param(int, "projector output width D", default=2048),
         proj_layers=Param(int, "projector layers (0 = 2 for ResNet-18/34, 3 otherwise)", default=0),
         proj_hidden=Param(int, "projector hidden width (0 = the backbone's width)", default=0),
@@ -93,6 +94,35 @@ def _declare(config: Config) -> None:
         steps_per_epoch=Param(int, "stop each epoch after this many steps (0 = the whole beton; for smoke tests)", default=0),
         dry_run=Param(int, "print the resolved config and exit (0/1)", default=0),
         progress=Param(int, "progress bars (0/1)", default=1),
+    )
+    Section("eval", "Evaluation (eval/knn.py, eval/linear.py, eval/finetune.py)", config_descriptor=config).params(
+        checkpoint=Param(str, "a pretraining checkpoint (run_dir/checkpoints/last.pt), or 'random' for a "
+                         "randomly initialised encoder of cfg.arch", default="runs/cifar10_simmer/checkpoints/last.pt"),
+        out=Param(str, "results JSON ('' = <run dir>/eval_<protocol>.json, runs/random_<arch>/... for random)", default=""),
+        device=Param(OneOf(DEVICES), "auto (cuda when available), cpu or cuda", default="auto"),
+        batch_size=Param(int, "images per feature-extraction batch", default=512),
+        progress=Param(int, "progress bars (0/1)", default=1),
+    )
+    Section("knn", "Weighted kNN evaluation", config_descriptor=config).params(
+        k=Param(int, "neighbours", default=200),
+        temperature=Param(float, "temperature of the exp(similarity / t) vote", default=0.1),
+    )
+    Section("linear", "Linear evaluation (SimSiam protocol: frozen backbone, LARS)", config_descriptor=config).params(
+        mode=Param(OneOf(("augment", "cached")), "augment: crop+flip each epoch (the protocol); cached: features "
+                   "extracted once without augmentation (fast, a few points lower)", default="augment"),
+        epochs=Param(int, "epochs", default=90),
+        batch_size=Param(int, "batch size (clamped to the training set's size)", default=4096),
+        lr=Param(float, "base learning rate; the used one is lr * batch_size / 256", default=0.1),
+        weight_decay=Param(float, "weight decay", default=0.0),
+        momentum=Param(float, "LARS momentum", default=0.9),
+    )
+    Section("finetune", "Semi-supervised fine-tuning (backbone + linear head, SGD)", config_descriptor=config).params(
+        epochs=Param(int, "epochs", default=40),
+        batch_size=Param(int, "batch size (clamped to the training set's size)", default=512),
+        head_lr=Param(float, "base lr of the linear head; used: head_lr * batch_size / 256", default=0.1),
+        backbone_lr=Param(float, "base lr of the backbone; used: backbone_lr * batch_size / 256", default=0.001),
+        momentum=Param(float, "SGD momentum", default=0.9),
+        weight_decay=Param(float, "weight decay", default=0.0),
     )
 
 
@@ -131,10 +161,12 @@ def _load_yaml(path: str, known: set[str]) -> dict[str, object]:
     return flat
 
 
-def parse_config(argv: Sequence[str] | None, description: str, sections: Iterable[str]) -> dict[str, dict]:
+def parse_config(argv: Sequence[str] | None, description: str, sections: Iterable[str],
+                 explicit: set[str] | None = None) -> dict[str, dict]:
     """Parses ``argv`` (``-C file.yaml`` and ``--section.param=value``) into a nested dict.
 
     Only the parameters of ``sections`` are accepted and returned. ``argv=None`` reads ``sys.argv``.
+    ``explicit``, when given, receives the names (``section.param``) set by a file or a flag.
     Raises :class:`ConfigError` on unknown keys or invalid values; ``--help`` prints every
     parameter with its default and exits 0.
     """
@@ -151,9 +183,13 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
     parser.epilog = "parameters:\n" + "\n".join(lines)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
+    given: dict[str, object] = {}
     for path in args.config_file:
-        config.collect(_load_yaml(path, set(entries)))
-    config.collect({name: value for name, value in vars(args).items() if name in entries and value is not None})
+        given.update(_load_yaml(path, set(entries)))
+    given.update({name: value for name, value in vars(args).items() if name in entries and value is not None})
+    config.collect(given)
+    if explicit is not None:
+        explicit.update(given)
 
     errors = config.validate(mode="errordict")
     problems = []

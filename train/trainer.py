@@ -71,6 +71,8 @@ def validate_config(config: dict, check_files: bool = True) -> None:
         problems.append("cfg.lr must be > 0, cfg.weight_decay and cfg.warmup_epochs >= 0")
     if cfg["alpha_h"] < 0 or cfg["alpha_r"] < 0:
         problems.append("cfg.alpha_h and cfg.alpha_r must be >= 0")
+    if cfg["cifar_stem"] not in (-1, 0, 1):
+        problems.append(f"cfg.cifar_stem must be -1, 0 or 1, got {cfg['cifar_stem']}")
     if cfg["proj_dim"] < 1 or cfg["proj_layers"] < 0 or cfg["proj_hidden"] < 0 or cfg["image_size"] < 0:
         problems.append("cfg.proj_dim must be >= 1; cfg.proj_layers, cfg.proj_hidden, cfg.image_size >= 0")
     if min(run["knn_every"], run["save_every"], run["steps_per_epoch"], run["stop_after_epochs"]) < 0 or run["log_every"] < 1:
@@ -230,8 +232,9 @@ def pretrain(config: dict) -> dict:
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
     peak_lr = cfg["lr"] * cfg["batch_size"] / 256
 
-    encoder = build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"],
-                            proj_layers=cfg["proj_layers"] or None, proj_hidden=cfg["proj_hidden"] or None).to(device)
+    encoder = build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
+                            proj_hidden=cfg["proj_hidden"] or None,
+                            cifar_stem=None if cfg["cifar_stem"] == -1 else bool(cfg["cifar_stem"])).to(device)
     augment = build_augmentation(preset, cfg["K"], image_size,
                                  dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
     eval_transform = build_eval_transform(preset).to(device)

@@ -1,0 +1,117 @@
+"""What every evaluation protocol shares: the encoder to evaluate, its data, and the results file.
+
+``--eval.checkpoint`` is a pretraining checkpoint (its config gives the architecture, the stem,
+the image size and the augmentation preset) or ``random``: a randomly initialised encoder of
+``--cfg.arch``, the baseline every result is compared with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from augment import build_eval_transform
+from data_prep.loader import BetonLoader, inspect_beton
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.config import ConfigError
+from train.model import build_encoder
+
+ARCH_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
+EVAL_SECTIONS = ("eval", "cfg", "data")
+
+
+@dataclass
+class EvalSetup:
+    encoder: nn.Module  # SimMEREncoder on the device (its .backbone is what is evaluated)
+    arch_cfg: dict  # the architecture settings used
+    preset: str  # augmentation preset (cifar / imagenet)
+    image_size: int
+    device: torch.device
+    source: str  # the checkpoint path, or "random"
+    run_dir: Path | None
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+    def eval_loader(self, path: str, batch_size: int, num_workers: int = 0) -> BetonLoader:
+        return BetonLoader(path, batch_size, train=False, device=self.device, num_workers=num_workers,
+                           image_size=self.image_size)
+
+    def eval_transform(self) -> nn.Module:
+        return build_eval_transform(self.preset).to(self.device)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("eval.device=cuda but no CUDA device is available")
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def prepare(config: dict, explicit: set[str]) -> EvalSetup:
+    """Loads the encoder that ``config['eval']['checkpoint']`` names; validates the betons."""
+    evaluation, cfg, data = config["eval"], config["cfg"], config["data"]
+    train_info = inspect_beton(data["train_beton"])
+    inspect_beton(data["test_beton"])
+    device = resolve_device(evaluation["device"])
+    source = evaluation["checkpoint"]
+    if source == "random":
+        arch_cfg, state, run_dir = {key: cfg[key] for key in ARCH_KEYS}, None, None
+        torch.manual_seed(cfg["seed"])
+    else:
+        checkpoint = load_checkpoint(source)
+        arch_cfg = {key: checkpoint["config"]["cfg"].get(key, cfg[key]) for key in ARCH_KEYS}
+        mismatched = [f"--cfg.{key}={cfg[key]!r} but the checkpoint has {arch_cfg[key]!r}"
+                      for key in ARCH_KEYS if f"cfg.{key}" in explicit and cfg[key] != arch_cfg[key]]
+        if mismatched:
+            raise CheckpointError(f"{source} does not match the requested architecture: {'; '.join(mismatched)}")
+        state = checkpoint["model"]
+        run_dir = Path(source).resolve().parent.parent
+    image_size = arch_cfg["image_size"] or (train_info.fixed_size or (0, 0))[0]
+    if not image_size:
+        raise ConfigError(f"{data['train_beton']} holds images of several sizes: set cfg.image_size")
+    preset = arch_cfg["augment"] if arch_cfg["augment"] != "auto" else ("cifar" if image_size <= 64 else "imagenet")
+    import timm
+    if not timm.is_model(arch_cfg["arch"]):
+        raise ConfigError(f"cfg.arch={arch_cfg['arch']!r} is not a timm model")
+    encoder = build_encoder(arch_cfg["arch"], image_size, proj_dim=arch_cfg["proj_dim"],
+                            proj_layers=arch_cfg["proj_layers"] or None, proj_hidden=arch_cfg["proj_hidden"] or None,
+                            cifar_stem=None if arch_cfg["cifar_stem"] == -1 else bool(arch_cfg["cifar_stem"]))
+    if state is not None:
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()
+            raise CheckpointError(f"{source} does not fit a {arch_cfg['arch']} encoder: "
+                                  f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+    return EvalSetup(encoder.to(device), arch_cfg, preset, image_size, device, source, run_dir)
+
+
+def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:
+    """``out`` if given; else ``<run dir>/eval_<protocol>.json`` (``runs/random_<arch>/`` for random)."""
+    if out:
+        return Path(out)
+    folder = setup.run_dir if setup.run_dir is not None else Path("runs") / f"random_{setup.arch_cfg['arch']}"
+    return folder / f"eval_{protocol}.json"
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Writes the results JSON atomically and prints the headline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(results, handle, indent=2)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    top5 = f", top-5 {results['top5']:.2%}" if "top5" in results else ""
+    print(f"{results['protocol']} ({results['checkpoint']}): top-1 {results['top1']:.2%}{top5} -> {path}", flush=True)
