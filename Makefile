@@ -22,6 +22,12 @@ $(DEMO_DATA): | setup
 
 demo: setup $(DEMO_DATA)
 	$(PY) data_prep/inspect_beton.py $(DEMO_DATA)
+	$(PY) train/pretrain.py -C configs/demo.yaml
+	$(PY) eval/knn.py -C configs/demo.yaml
+	$(PY) eval/knn.py -C configs/demo.yaml --eval.checkpoint=random --eval.out=runs/demo_random/eval_knn.json
+	$(PY) eval/linear.py -C configs/demo.yaml
+	$(PY) eval/linear.py -C configs/demo.yaml --eval.checkpoint=random --eval.out=runs/demo_random/eval_linear_cached.json
+	$(PY) eval/report.py runs/demo --baseline runs/demo_random
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo_random

@@ -184,8 +184,9 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     given: dict[str, object] = {}
-    for path in args.config_file:
-        given.update(_load_yaml(path, set(entries)))
+    every_key = {".".join(path) for path in config.entries}
+    for path in args.config_file:  # a file may hold other entry points' sections too (one file per run)
+        given.update({k: v for k, v in _load_yaml(path, every_key).items() if k in entries})
     given.update({name: value for name, value in vars(args).items() if name in entries and value is not None})
     config.collect(given)
     if explicit is not None:

@@ -215,6 +215,14 @@ def pretrain(config: dict) -> dict:
     resume = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
     if resume is not None:
         check_compatible(resume["config"], config, checkpoint_path)
+        summary_path = run_dir / "summary.json"
+        if resume["epoch"] >= cfg["epochs"] and summary_path.is_file():
+            if is_main:
+                print(f"{run_dir} is complete ({resume['epoch']}/{cfg['epochs']} epochs); nothing to do. "
+                      "Raise cfg.epochs to train further, or use another run.dir.", flush=True)
+            if world > 1:
+                torch.distributed.destroy_process_group()
+            return json.loads(summary_path.read_text())
 
     _seed_everything(cfg["seed"])
     info = inspect_beton(data["train_beton"])
