@@ -103,6 +103,25 @@ def _declare(config: Config) -> None:
         batch_size=Param(int, "images per feature-extraction batch", default=512),
         progress=Param(int, "progress bars (0/1)", default=1),
     )
+    Section("bench", "bench/throughput.py: stage-by-stage speed against common baselines", config_descriptor=config).params(
+        device=Param(OneOf(("cpu", "cuda")), "where to measure", default="cpu"),
+        out=Param(str, "JSON file with every figure ('' = runs/bench/throughput_<device>.json)", default=""),
+        stages=Param(str, "comma-separated: loader,augment,loss,model,end_to_end", default="loader,augment,loss,model,end_to_end"),
+        batch_size=Param(int, "images per batch", default=512),
+        K=Param(int, "views per image (the loss is also timed at K=10)", default=4),
+        arch=Param(str, "timm model for the model and end-to-end stages", default="resnet18"),
+        images=Param(int, "synthetic images in the benchmark's beton", default=10000),
+        iters=Param(int, "timed iterations per measurement (after warm-up)", default=5),
+        workers=Param(int, "loader threads / DataLoader workers (same for ours and the baseline)", default=2),
+        device_batches=Param(int, "GPU: also time uint8 batches already on the device, no ffcv needed (0/1)", default=1),
+        quick=Param(int, "tiny sizes, for a smoke test of the script itself (0/1)", default=0),
+    )
+    Section("tables", "bench/paper_tables.py: run the paper's tables and compare", config_descriptor=config).params(
+        table=Param(str, "1, 2, 3, 4, 5 or all", default="all"),
+        dry_run=Param(int, "list the rows and their commands, run nothing (0/1)", default=0),
+        nproc=Param(int, "GPUs per row: >1 runs each pretraining under torchrun", default=1),
+        out=Param(str, "markdown table of measured against paper numbers", default="runs/tables/results.md"),
+    )
     Section("knn", "Weighted kNN evaluation", config_descriptor=config).params(
         k=Param(int, "neighbours", default=200),
         temperature=Param(float, "temperature of the exp(similarity / t) vote", default=0.1),
