@@ -172,3 +172,10 @@ def test_torchrun_two_processes_gloo(betons, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt"]
     log = read_log(tmp_path / "run")
     assert len(log) == 1 and log[0]["step"] == 96 // 16 and "knn_top1" in log[0]
+
+
+def test_cpu_run_of_a_long_config_warns_with_an_estimate(betons, tmp_path):
+    with pytest.warns(UserWarning, match=r"would take about [\d.]+ h.*configs/demo.yaml"):
+        summary = pretrain_main(tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=200000",
+                                          "--run.stop_after_epochs=1"))
+    assert summary["interrupted"] and summary["steps"] == 6

@@ -331,6 +331,7 @@ def pretrain(config: dict) -> dict:
                 bar = tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                            unit="step", dynamic_ncols=True, leave=True)
             window_start, window_images = time.perf_counter(), 0
+            sync_now = False
             for batch_index, batch in enumerate(loader):
                 if batch_index >= steps_per_epoch:
                     break
@@ -349,7 +350,9 @@ def pretrain(config: dict) -> dict:
                 window_images += len(batch.images) * world
                 if bar is not None:
                     bar.update(1)
-                if step % run["log_every"] == 0 or done == steps_per_epoch:
+                estimate_now = not warned_cpu and window_images >= 2 * local_batch * world
+                sync_now = step % run["log_every"] == 0 or done == steps_per_epoch or estimate_now
+                if sync_now:
                     values = parts.tolist()  # the one host sync of the window
                     if not all(math.isfinite(v) for v in values):
                         detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(PART_NAMES, values))
@@ -360,22 +363,22 @@ def pretrain(config: dict) -> dict:
                         bar.set_postfix(loss=f"{values[0]:.4f}", tv=f"{values[1]:.4f}", H=f"{values[2]:.3f}",
                                         R=f"{values[3]:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                         img_s=f"{rate:.0f}", refresh=False)
-                    if not warned_cpu and is_main:
+                    if estimate_now:
                         warned_cpu = True
                         remaining = (total_steps - step) * local_batch * world / max(rate, 1e-9)
-                        if remaining > 3600:
+                        if remaining > 3600 and is_main:
                             warnings.warn(f"running on CPU at {rate:.0f} images/s: this run would take about "
                                           f"{remaining / 3600:.1f} h. Use a GPU, or try -C configs/demo.yaml for a "
                                           "CPU-sized run.", stacklevel=1)
-                if world > 1:
+                if world > 1 and sync_now:  # ranks agree on stopping at the sync points only
                     flag = torch.tensor([float(stop.requested)], device=device)
                     torch.distributed.all_reduce(flag)
                     stop.requested = bool(flag.item())
-                if stop.requested and done < steps_per_epoch:
+                if stop.requested and done < steps_per_epoch and (world == 1 or sync_now):
                     break
             if bar is not None:
                 bar.close()
-            if stop.requested and done < steps_per_epoch:
+            if stop.requested and done < steps_per_epoch and (world == 1 or sync_now):
                 if is_main:
                     save_checkpoint(checkpoint_path, checkpoint_state(epoch, done, sums))
                     print(f"stopped in epoch {epoch + 1} after step {done}/{steps_per_epoch}; checkpoint saved to "
