@@ -48,13 +48,21 @@ cat > "$SHIM/include/opencv2/opencv.hpp" <<'HPP'
 #include <opencv2/imgproc.hpp>
 HPP
 
+# pip's output minus the notes about index locations that do not apply to a package.
+pip_install() {
+    "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+}
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+pip_install --upgrade pip setuptools wheel
 grep -v '^ffcv' requirements.txt > "$VENV/requirements-noffcv.txt"
 echo "[setup] pip install -r requirements.txt (torch is large: a few minutes)"
-"$VENV/bin/python" -m pip install -q -r "$VENV/requirements-noffcv.txt"
-PKG_CONFIG_PATH="$(cd "$SHIM" && pwd)${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}" \
-    "$VENV/bin/python" -m pip install -q --no-build-isolation -r requirements.txt
-"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c "import ffcv, torch, kornia, timm, fastargs; print('[setup] ok: torch', torch.__version__, '| ffcv', ffcv.__version__ if hasattr(ffcv, '__version__') else '1.0.2')"
+pip_install -r "$VENV/requirements-noffcv.txt"
+PKG_CONFIG_PATH="$(cd "$SHIM" && pwd)${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}" pip_install --no-build-isolation -r requirements.txt
+pip_install --no-deps --no-build-isolation -e .
+"$VENV/bin/python" - <<'PY'
+from importlib.metadata import version
+import ffcv, fastargs, kornia, timm, torch  # noqa: F401 - the imports are the check
+print("[setup] ok:", ", ".join(f"{name} {version(name)}" for name in ("torch", "ffcv", "kornia", "timm")))
+PY
 cp requirements.txt "$VENV/.complete"
