@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES="build-essential pkg-config libturbojpeg0-dev libopencv-core-dev libopencv-imgproc-dev"
+# libgl1 + libglib2.0-0: the opencv-python wheel (imported by ffcv) loads libGL and glib at import.
+APT_PACKAGES="build-essential pkg-config libturbojpeg0-dev libopencv-core-dev libopencv-imgproc-dev libgl1 libglib2.0-0"
 
 if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.complete" ] && cmp -s requirements.txt "$VENV/.complete"; then
     exit 0
