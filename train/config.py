@@ -110,6 +110,7 @@ def _declare(config: Config) -> None:
         batch_size=Param(int, "images per batch", default=512),
         K=Param(int, "views per image (the loss is also timed at K=10)", default=4),
         arch=Param(str, "timm model for the model and end-to-end stages", default="resnet18"),
+        model_batch=Param(int, "images per step in the model and end-to-end stages (0 = batch_size on cuda, 32 on cpu)", default=0),
         images=Param(int, "synthetic images in the benchmark's beton", default=10000),
         iters=Param(int, "timed iterations per measurement (after warm-up)", default=5),
         workers=Param(int, "loader threads / DataLoader workers (same for ours and the baseline)", default=2),

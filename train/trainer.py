@@ -175,13 +175,41 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _amp_settings(run: dict, device: torch.device) -> tuple[bool, torch.dtype | None]:
+def amp_settings(run: dict, device: torch.device) -> tuple[bool, torch.dtype | None]:
+    """(enabled, dtype) of autocast for ``run['amp']`` (-1 = on for CUDA): bf16 where supported, else fp16."""
     enabled = (device.type == "cuda") if run["amp"] == -1 else bool(run["amp"])
     if not enabled:
         return False, None
     if device.type == "cuda":
         return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return True, torch.bfloat16
+
+
+def make_train_step(model: torch.nn.Module, augment: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss, **loss_options):
+    """The SimMER optimisation step: ``step(images) -> (parts, zbar)``.
+
+    ``images``: uint8 (B, 3, H, W) on the device. K views are made on the device, the model runs
+    over all K·B views at once (under autocast when ``amp_dtype`` is set), the loss in float32,
+    then backward and the optimiser step (through ``scaler`` for fp16). Returns ``parts``, the
+    detached ``[loss, tv, entropy, rank]`` (4,) on the device (no host sync), and ``zbar`` (B, D).
+    """
+    device_type = next(model.parameters()).device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    def step(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = augment(images)  # (K, B, 3, h, w), channels-last
+        with autocast():
+            z = model(views)  # (K, B, D)
+        loss, parts = loss_fn(z, **loss_options)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        detached = torch.stack([loss.detach(), parts["tv"].detach(), parts["entropy"].detach(), parts["rank"].detach()])
+        return detached, z.detach().float().mean(0)
+
+    return step
 
 
 def _divergence_message(epoch: int, step: int, detail: str, checkpoint_path: Path) -> str:
@@ -229,7 +257,7 @@ def pretrain(config: dict) -> dict:
     image_size = cfg["image_size"] or info.fixed_size[0]
     preset = cfg["augment"] if cfg["augment"] != "auto" else ("cifar" if image_size <= 64 else "imagenet")
     local_batch = cfg["batch_size"] // world
-    use_amp, amp_dtype = _amp_settings(run, device)
+    use_amp, amp_dtype = amp_settings(run, device)
     compile_enabled = (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"])
 
     loader = BetonLoader(data["train_beton"], local_batch, train=True, device=device,
@@ -283,24 +311,15 @@ def pretrain(config: dict) -> dict:
     if compile_enabled:
         model = torch.compile(model)
         loss_fn = torch.compile(simmer_loss)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else nullcontext
 
     knn_loaders = None
     if is_main and run["knn_every"]:
         knn_loaders = tuple(BetonLoader(path, 512, train=False, device=device, num_workers=data["num_workers"],
                                         image_size=image_size) for path in (data["train_beton"], data["test_beton"]))
 
-    def train_step(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        views = augment(images)  # (K, B, 3, h, w), channels-last
-        with autocast():
-            z = model(views)  # (K, B, D)
-        loss, parts = loss_fn(z, alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"],
-                              rank_variant=cfg["rank_variant"], rank_bias=bool(cfg["rank_bias"]))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return torch.stack([loss.detach(), parts["tv"].detach(), parts["entropy"].detach(), parts["rank"].detach()]), z.detach().float().mean(0)
+    train_step = make_train_step(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn,
+                                 alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
+                                 rank_bias=bool(cfg["rank_bias"]))
 
     def checkpoint_state(epochs_done: int, batch_in_epoch: int, sums: torch.Tensor | None) -> dict:
         return {"model": encoder.state_dict(), "optimizer": optimizer.state_dict(),

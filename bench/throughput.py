@@ -1,0 +1,549 @@
+"""Stage-by-stage throughput of the SimMER pipeline, each stage against the baseline a user would pick.
+
+    python bench/throughput.py --bench.device=cpu      # a few minutes on 2 CPU cores
+    python bench/throughput.py --bench.device=cuda     # the same on a GPU, plus device-resident batches
+    python bench/throughput.py --bench.quick=1         # tiny sizes: a smoke test of this script
+
+All stages run in one process, on the same synthetic data and machine (``--bench.stages`` picks them):
+
+- loader: a synthetic 32-px beton -> uint8 batches with :class:`BetonLoader`, against a torch
+  ``DataLoader`` over the same images held in memory as PIL images with per-sample torchvision
+  ``ToTensor`` (same batch size, same number of workers).
+- augment: K views of a uint8 batch with our batched Kornia module, against per-sample torchvision v2
+  transforms applied K times per image in ``DataLoader`` workers (what lightly and solo-learn do).
+- loss: forward + backward of ``simmer_loss`` at B x D = batch_size x 2048, K = bench.K and 10, eager
+  against ``torch.compile`` (compiled once, warmed up, then timed; the cold first step is reported).
+- model: forward + backward + Adam of the encoder on K·B random views: eager / compiled, channels-last
+  / NCHW, and (GPU only) bf16 AMP / fp32. A stand-in loss (mean of z²) isolates the encoder.
+- end_to_end: real pretraining steps (``train.trainer.pretrain`` on the beton; the last epoch's
+  images/s) and the 800-epoch CIFAR-10 time they imply. On a GPU with ``bench.device_batches=1``, or
+  where ffcv is missing, also steps fed with uint8 batches already on the device (no loader).
+
+On a CPU the model and end-to-end stages use a reduced batch (``bench.model_batch``, 32): one step
+of ResNet-18 with the CIFAR stem at B=512, K=4 takes about a minute on 2 cores. Figures are medians of ``bench.iters`` timed
+iterations after a warm-up; every figure goes to ``bench.out`` (JSON) with ``ratios`` (ours ÷
+baseline, images/s), and a table is printed. Speed claims live here, never in timed tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.util
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from augment import CIFAR10_MEAN, CIFAR10_STD, build_augmentation  # noqa: E402
+from data_prep.sources import ArraySource, load_synthetic  # noqa: E402
+from train.config import ConfigError, parse_config, run_cli  # noqa: E402
+from train.loss import rank_loss, simmer_loss  # noqa: E402
+from train.model import build_encoder  # noqa: E402
+
+STAGES = ("loader", "augment", "loss", "model", "end_to_end")
+IMAGE_SIZE = 32
+PROJ_DIM = 2048  # D of the paper's runs
+CIFAR10_TRAIN = 50_000
+PAPER_EPOCHS = 800
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved sizes of one benchmark run (see :func:`resolve`)."""
+
+    device: str
+    out: Path
+    stages: tuple[str, ...]
+    batch_size: int
+    K: int
+    arch: str
+    images: int
+    iters: int
+    workers: int
+    device_batches: bool
+    quick: bool
+    model_batch: int
+    proj_dim: int = PROJ_DIM
+    loss_Ks: tuple[int, ...] = (4, 10)
+    compile_model: bool = True
+    e2e_steps: int = 0  # steps per epoch of the end-to-end run (0 = the whole beton)
+    e2e_epochs: int = 2  # the last one is timed
+
+
+def resolve(bench: dict) -> Settings:
+    """The ``bench`` config section -> :class:`Settings`; raises :class:`ConfigError` before any work."""
+    stages = tuple(s.strip() for s in bench["stages"].split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ConfigError(f"--bench.stages: unknown stage(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                          f"choose from {','.join(STAGES)}")
+    problems = []
+    if bench["K"] < 2 or bench["batch_size"] < 2:
+        problems.append("--bench.K and --bench.batch_size must be >= 2")
+    if bench["iters"] < 1 or bench["workers"] < 1 or bench["model_batch"] < 0:
+        problems.append("--bench.iters and --bench.workers must be >= 1, --bench.model_batch >= 0")
+    if bench["device"] == "cuda" and not torch.cuda.is_available():
+        problems.append("--bench.device=cuda but no CUDA device is available")
+    import timm
+    if not timm.is_model(bench["arch"]):
+        problems.append(f"--bench.arch={bench['arch']!r} is not a timm model")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cpu = bench["device"] == "cpu"
+    settings = Settings(
+        device=bench["device"], stages=stages, batch_size=bench["batch_size"], K=bench["K"], arch=bench["arch"],
+        images=bench["images"], iters=bench["iters"], workers=bench["workers"],
+        device_batches=bool(bench["device_batches"]), quick=bool(bench["quick"]),
+        out=Path(bench["out"] or f"runs/bench/throughput_{bench['device']}.json"),
+        model_batch=bench["model_batch"] or (32 if cpu else bench["batch_size"]),
+        loss_Ks=tuple(sorted({bench["K"], 10})), e2e_steps=3 if cpu else 0, e2e_epochs=2 if cpu else 3)
+    if settings.quick:  # tiny sizes: every code path once, in seconds
+        settings = replace(settings, batch_size=32, K=2, arch="test_resnet", images=256, iters=2, workers=1,
+                           model_batch=8, proj_dim=64, loss_Ks=(2, 3), compile_model=False, e2e_steps=2, e2e_epochs=2)
+    if settings.images < 2 * max(settings.batch_size, settings.model_batch * max(1, settings.e2e_steps)):
+        raise ConfigError(f"--bench.images={settings.images} is too few for two batches of {settings.batch_size}")
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(step: Callable[[], object], iters: int, device: str, warmup: int = 1) -> tuple[float, float]:
+    """(first call's seconds, median seconds of ``iters`` calls after ``warmup`` more)."""
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def _row(name: str, role: str, setting: str, images: int, seconds: float, steps: int = 1, **extra: object) -> dict:
+    """One measurement: ``images`` processed in ``seconds`` over ``steps`` steps (batches)."""
+    row = {"name": name, "role": role, "setting": setting, "images_per_s": images / max(seconds, 1e-12),
+           "ms": 1000.0 * seconds / steps}
+    row.update(extra)
+    return row
+
+
+def _ratio(ours: dict, baseline: dict) -> float:
+    return ours["images_per_s"] / baseline["images_per_s"]
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+class _InMemoryImages(torch.utils.data.Dataset):
+    """The baseline's dataset: PIL images held in memory, a torchvision transform per sample."""
+
+    def __init__(self, source: ArraySource, transform: Callable):
+        from PIL import Image
+
+        self.images = [Image.fromarray(image) for image in source.images]
+        self.labels = source.labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+class _KTimes:
+    """Applies a per-sample transform K times: PIL image -> (K, 3, h, w) (lightly/solo-learn style)."""
+
+    def __init__(self, transform: Callable, K: int):
+        self.transform, self.K = transform, K
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.K)])
+
+
+def _simsiam_v2(size: int) -> Callable:
+    """torchvision v2 version of the ``cifar`` recipe of :mod:`augment.views` (the baseline)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+
+def _data_loader(dataset, s: Settings) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=s.batch_size, shuffle=True, drop_last=True,
+                                       num_workers=s.workers, persistent_workers=True,
+                                       pin_memory=s.device == "cuda")
+
+
+def _batches(loader: Iterable, count: int) -> Iterable:
+    """``count`` batches, starting new epochs as needed."""
+    while True:
+        for batch in loader:
+            yield batch
+            count -= 1
+            if count == 0:
+                return
+
+
+def _time_batches(batches: Iterable, s: Settings, to_device: bool) -> tuple[int, float, int]:
+    """(images, seconds, batches) to pull every batch (moved to the device when ``to_device``)."""
+    images = count = 0
+    start = time.perf_counter()
+    for batch in batches:
+        first = batch[0]
+        if to_device:
+            first = first.to(s.device, non_blocking=True)
+        images += len(first)
+        count += 1
+    _sync(s.device)
+    return images, time.perf_counter() - start, count
+
+
+def _time_epochs(loader: Iterable, s: Settings, to_device: bool) -> tuple[int, float, int]:
+    """(images, seconds, batches) over whole epochs: at least ``s.iters`` of them and 1 s (0.2 s when quick)."""
+    images = seconds = count = 0
+    epochs = 0
+    while epochs < s.iters or seconds < (0.2 if s.quick else 1.0):
+        more = _time_batches(loader, s, to_device)
+        images, seconds, count, epochs = images + more[0], seconds + more[1], count + more[2], epochs + 1
+    return images, seconds, count
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def bench_loader(s: Settings, beton: Path | None, source: ArraySource) -> dict:
+    """BetonLoader (uint8) against DataLoader + per-sample ToTensor, over whole epochs (see :func:`_time_epochs`)."""
+    if beton is None:
+        return {"skipped": "ffcv is not installed: no beton, no BetonLoader"}
+    from data_prep.loader import BetonLoader
+
+    loader = BetonLoader(beton, s.batch_size, train=True, device=s.device, num_workers=s.workers, seed=0)
+    _time_batches(loader, s, to_device=False)  # epoch 0 compiles ffcv's pipeline (numba)
+    ours = _row("BetonLoader -> uint8", "ours", f"B={s.batch_size}, {s.workers} thread(s)",
+                *_time_epochs(loader, s, to_device=False))
+    result = {"rows": [ours], "notes": ["ours yields uint8 (augmentation casts on the device); ToTensor yields float"]}
+    del loader
+    if not _have("torchvision"):
+        result["notes"].append("baseline skipped: torchvision is not installed")
+        return result
+    from torchvision.transforms import ToTensor
+
+    loader = _data_loader(_InMemoryImages(source, ToTensor()), s)
+    _time_batches(_batches(loader, 1), s, to_device=True)  # starts the workers
+    baseline = _row("DataLoader + ToTensor (PIL)", "baseline", f"B={s.batch_size}, {s.workers} worker(s)",
+                    *_time_epochs(loader, s, to_device=True))
+    del loader
+    result["rows"].append(baseline)
+    result["ratio"] = _ratio(ours, baseline)
+    return result
+
+
+def _device_images(source: ArraySource, count: int, device: str) -> torch.Tensor:
+    """The first ``count`` images as a uint8 (count, 3, H, W) channels-last batch on ``device`` (as BetonLoader gives)."""
+    images = torch.from_numpy(source.images[:count]).permute(0, 3, 1, 2)
+    return images.to(device).contiguous(memory_format=torch.channels_last)
+
+
+def bench_augment(s: Settings, source: ArraySource) -> dict:
+    """Batched Kornia K views of a uint8 batch against K per-sample torchvision v2 passes in workers."""
+    augment = build_augmentation("cifar", s.K, IMAGE_SIZE).to(s.device)
+    images = _device_images(source, s.batch_size, s.device)
+    _, seconds = _median_seconds(lambda: augment(images), s.iters, s.device)
+    ours = _row("Kornia K-view, batched", "ours", f"B={s.batch_size}, K={s.K}, on {s.device}", s.batch_size, seconds)
+    result = {"rows": [ours], "notes": []}
+    if not _have("torchvision"):
+        result["notes"].append("baseline skipped: torchvision is not installed")
+        return result
+    loader = _data_loader(_InMemoryImages(source, _KTimes(_simsiam_v2(IMAGE_SIZE), s.K)), s)
+    _time_batches(_batches(loader, 1), s, to_device=True)  # starts the workers
+    timed = _time_batches(_batches(loader, s.iters), s, to_device=True)
+    del loader
+    baseline = _row("torchvision v2 per sample x K", "baseline", f"B={s.batch_size}, K={s.K}, {s.workers} worker(s)",
+                    *timed)
+    result["rows"].append(baseline)
+    result["ratio"] = _ratio(ours, baseline)
+    return result
+
+
+def bench_loss(s: Settings) -> dict:
+    """simmer_loss forward + backward, eager against torch.compile, per K; the rank term alone for scale."""
+    generator = torch.Generator().manual_seed(0)
+    result = {"rows": [], "notes": ["compiled: torch.compile(simmer_loss, dynamic=False); cold = first step "
+                                    "(inductor's on-disk cache makes re-runs faster)"], "ratios": {}}
+    for K in s.loss_Ks:
+        z = torch.randn(K, s.batch_size, s.proj_dim, generator=generator).to(s.device).requires_grad_()
+        setting = f"K={K}, B={s.batch_size}, D={s.proj_dim}"
+        _, eager = _median_seconds(lambda: simmer_loss(z)[0].backward(), s.iters, s.device)
+        trainer_compiles = s.device == "cuda"  # train.trainer compiles the loss on CUDA only (run.compile=-1)
+        eager_row = _row("simmer_loss eager", "variant" if trainer_compiles else "ours", setting, s.batch_size, eager)
+        torch._dynamo.reset()
+        compiled_loss = torch.compile(simmer_loss, dynamic=False)
+        cold, compiled = _median_seconds(lambda: compiled_loss(z)[0].backward(), s.iters, s.device, warmup=2)
+        compiled_row = _row("simmer_loss compiled", "ours" if trainer_compiles else "variant", setting, s.batch_size,
+                            compiled, cold_s=cold)
+        zbar = z.detach().mean(0).requires_grad_()
+        _, rank = _median_seconds(lambda: rank_loss(zbar).backward(), s.iters, s.device)
+        rank_row = _row("  of which rank term (svdvals), eager", "part", f"B={s.batch_size}, D={s.proj_dim}",
+                        s.batch_size, rank)
+        result["rows"] += [eager_row, compiled_row, rank_row]
+        result["ratios"][f"loss_compiled_k{K}"] = _ratio(compiled_row, eager_row)
+    torch._dynamo.reset()
+    return result
+
+
+def _model_variants(s: Settings) -> list[tuple[bool, bool, bool]]:
+    """(compiled, channels_last, amp) combinations; the first is the baseline (eager, NCHW, fp32).
+
+    Compiled only in channels-last (the layout we train with): each compile costs up to a minute.
+    """
+    compiled = (False, True) if s.compile_model else (False,)
+    amp = (False, True) if s.device == "cuda" else (False,)
+    return [(c, cl, a) for a in amp for c in compiled for cl in (False, True) if cl or not c]
+
+
+def bench_model(s: Settings) -> dict:
+    """Encoder forward + backward + Adam on K·B views, per (compiled, channels-last, AMP) variant."""
+    B, views_per_step = s.model_batch, s.K * s.model_batch
+    cuda = s.device == "cuda"
+    ours = (cuda and s.compile_model, True, cuda)  # what train.trainer runs here (run.compile, run.amp = -1)
+    rows = []
+    for compiled, channels_last, amp in _model_variants(s):
+        torch.manual_seed(0)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        encoder = build_encoder(s.arch, IMAGE_SIZE, proj_dim=s.proj_dim).to(s.device, memory_format=layout)
+        optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+        views = torch.randn(views_per_step, 3, IMAGE_SIZE, IMAGE_SIZE, device=s.device).contiguous(memory_format=layout)
+
+        def project(x: torch.Tensor, encoder=encoder) -> torch.Tensor:  # forward() minus its channels-last cast
+            return encoder.projector(encoder.backbone(x))
+
+        forward = torch.compile(project) if compiled else project
+
+        def step() -> None:
+            with torch.autocast(s.device, dtype=torch.bfloat16, enabled=amp):
+                z = forward(views)
+            loss = z.float().square().mean()  # stand-in: isolates the encoder (the loss has its own stage)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        cold, seconds = _median_seconds(step, min(s.iters, 3) if s.device == "cpu" else s.iters, s.device,
+                                        warmup=2 if compiled else 1)
+        name = ", ".join(("compiled" if compiled else "eager", "channels-last" if channels_last else "NCHW",
+                          "bf16 AMP" if amp else "fp32"))
+        role = "baseline" if not rows else "ours" if (compiled, channels_last, amp) == ours else "variant"
+        rows.append(_row(name, role, f"{s.arch}, B={B}, K={s.K} ({views_per_step} views)", B, seconds,
+                         cold_s=cold, views_per_s=views_per_step / seconds))
+        del encoder, optimizer, forward
+        torch._dynamo.reset()
+    by_name = {row["name"]: row for row in rows}
+    base = by_name["eager, NCHW, fp32"]
+    ratios = {"model": _ratio(next(row for row in rows if row["role"] == "ours"), base),
+              "model_channels_last": _ratio(by_name["eager, channels-last, fp32"], base)}
+    if "compiled, channels-last, fp32" in by_name:
+        ratios["model_compiled"] = _ratio(by_name["compiled, channels-last, fp32"], by_name["eager, channels-last, fp32"])
+    if "eager, channels-last, bf16 AMP" in by_name:
+        ratios["model_amp"] = _ratio(by_name["eager, channels-last, bf16 AMP"], by_name["eager, channels-last, fp32"])
+    ratios["model_best"] = max(r["images_per_s"] for r in rows) / base["images_per_s"]
+    notes = [f"a stand-in loss (mean z²) isolates the encoder; D={s.proj_dim}; ours = what train.trainer runs "
+             "on this device (compile and AMP on CUDA only)"]
+    if s.device == "cpu" and not s.quick:
+        notes.append(f"CPU: reduced batch B={B} (one step at the paper's B=512 takes about a minute on 2 cores); "
+                     "AMP only on a GPU")
+    return {"rows": rows, "ratios": ratios, "notes": notes}
+
+
+def _pretrain_rate(s: Settings, beton: Path, run_dir: Path) -> float:
+    """images/s of the last epoch of a short real pretraining run (:func:`train.trainer.pretrain`)."""
+    from train.trainer import pretrain
+
+    args = [f"--data.train_beton={beton}", f"--data.test_beton={beton}", f"--data.num_workers={s.workers}",
+            f"--cfg.arch={s.arch}", f"--cfg.batch_size={s.model_batch}", f"--cfg.K={s.K}",
+            f"--cfg.proj_dim={s.proj_dim}", f"--cfg.epochs={s.e2e_epochs}", f"--run.dir={run_dir}",
+            f"--run.device={s.device}", "--run.knn_every=0", "--run.progress=0", "--run.log_every=1000",
+            f"--run.steps_per_epoch={s.e2e_steps}"]
+    config = parse_config(args, "", ("cfg", "data", "run"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        pretrain(config)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return float(log[-1]["images_per_s"])  # the last epoch: warm (the first one includes any compile)
+
+
+def _device_batch_rate(s: Settings, source: ArraySource) -> tuple[float, float]:
+    """(median seconds, cold seconds) of a training step fed with a uint8 batch already on the device.
+
+    The step of :func:`train.trainer.make_train_step` with pretraining's settings (compile and
+    AMP on CUDA), without the loader.
+    """
+    from train.trainer import amp_settings, make_train_step
+
+    device = torch.device(s.device)
+    use_amp, amp_dtype = amp_settings({"amp": -1}, device)
+    torch.manual_seed(0)
+    augment = build_augmentation("cifar", s.K, IMAGE_SIZE,
+                                 dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
+    encoder = build_encoder(s.arch, IMAGE_SIZE, proj_dim=s.proj_dim).to(device)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    compile_enabled = device.type == "cuda" and s.compile_model
+    model = torch.compile(encoder) if compile_enabled else encoder
+    loss_fn = torch.compile(simmer_loss) if compile_enabled else simmer_loss
+    images = _device_images(source, s.model_batch, s.device)
+
+    train_step = make_train_step(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn)
+
+    def step() -> None:
+        train_step(images)
+
+    cold, seconds = _median_seconds(step, s.iters, s.device, warmup=2 if compile_enabled else 1)
+    torch._dynamo.reset()
+    return seconds, cold
+
+
+def bench_end_to_end(s: Settings, beton: Path | None, source: ArraySource) -> dict:
+    """Real pretraining steps (and, on a GPU or without ffcv, device-fed steps); the 800-epoch time implied."""
+    rows, notes = [], []
+    setting = f"{s.arch}, B={s.model_batch}, K={s.K}"
+
+    def implied(rate: float) -> dict:
+        return {"cifar10_800_epochs_h": PAPER_EPOCHS * CIFAR10_TRAIN / rate / 3600}
+
+    if beton is not None:
+        with tempfile.TemporaryDirectory(prefix="bench-run-") as run_dir:
+            rate = _pretrain_rate(s, beton, Path(run_dir))
+        steps = f"{s.e2e_steps} steps/epoch" if s.e2e_steps else "whole beton"
+        rows.append(_row("pretrain(): beton -> augment -> model -> loss -> Adam", "ours",
+                         f"{setting}, {steps}, epoch {s.e2e_epochs} of {s.e2e_epochs}",
+                         s.model_batch, s.model_batch / rate, **implied(rate)))
+    else:
+        notes.append("pretrain() skipped: ffcv is not installed (no beton); device-fed steps only")
+    if beton is None or (s.device == "cuda" and s.device_batches):
+        seconds, cold = _device_batch_rate(s, source)
+        rate = s.model_batch / seconds
+        rows.append(_row("device-fed step: uint8 on device -> ... -> Adam", "ours", setting, s.model_batch, seconds,
+                         cold_s=cold, **implied(rate)))
+    notes.append(f"800-epoch time = {PAPER_EPOCHS} x {CIFAR10_TRAIN:,} images / images/s"
+                 + (" (at this reduced batch)" if s.device == "cpu" else ""))
+    return {"rows": rows, "notes": notes}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _synthetic_beton(s: Settings, folder: Path) -> tuple[Path | None, ArraySource]:
+    """``s.images`` synthetic 32-px images, and their beton (None when ffcv is missing or no stage reads it)."""
+    source, _ = load_synthetic(s.images, 10, size=IMAGE_SIZE, seed=0)
+    if not _have("ffcv") or not {"loader", "end_to_end"} & set(s.stages):
+        return None, source
+    from data_prep.writer import write_betons
+
+    beton = folder / "bench_train.beton"
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_betons({beton: source}, num_workers=s.workers)
+    return beton, source
+
+
+def _hardware(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(results: dict) -> str:
+    """The printed table: one line per measurement, the ratios below."""
+    header = ("stage", "measurement", "setting", "images/s", "ms/step", "cold s")
+    lines = []
+    for stage, result in results["stages"].items():
+        if "skipped" in result:
+            lines.append((stage, f"skipped: {result['skipped']}", "", "", "", ""))
+            continue
+        for row in result["rows"]:
+            rate = row["images_per_s"]
+            ms, rate = f"{row['ms']:.1f}", f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}"
+            cold = f"{row['cold_s']:.1f}" if "cold_s" in row else ""
+            lines.append((stage, f"[{row['role']}] {row['name']}", row["setting"], rate, ms, cold))
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
+    text = [" | ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in [header, *lines]]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    text.append("")
+    text.append("ratios (ours / baseline, images/s): " + ", ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items()))
+    for stage, result in results["stages"].items():
+        for note in result.get("notes", []):
+            text.append(f"  {stage}: {note}")
+    for row in results["stages"].get("end_to_end", {}).get("rows", []):
+        text.append(f"  end_to_end: {row['name']}: 800 CIFAR-10 epochs ~ {row['cifar10_800_epochs_h']:.1f} h")
+    return "\n".join(text)
+
+
+def run_benchmark(s: Settings) -> dict:
+    """Runs the selected stages in order; returns every figure (the JSON written by :func:`main`)."""
+    started = time.perf_counter()
+    results = {"device": s.device, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "hardware": _hardware(s.device), "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                              for k, v in asdict(s).items()},
+               "stages": {}, "ratios": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
+        beton, source = _synthetic_beton(s, Path(folder))
+        runners = {"loader": lambda: bench_loader(s, beton, source), "augment": lambda: bench_augment(s, source),
+                   "loss": lambda: bench_loss(s), "model": lambda: bench_model(s),
+                   "end_to_end": lambda: bench_end_to_end(s, beton, source)}
+        for stage in STAGES:  # a fixed order: the DataLoader baselines fork before torch.compile runs
+            if stage not in s.stages:
+                continue
+            print(f"[bench] {stage} ...", file=sys.stderr, flush=True)
+            stage_start = time.perf_counter()
+            result = runners[stage]()
+            result["seconds"] = time.perf_counter() - stage_start
+            results["stages"][stage] = result
+            if "ratio" in result:
+                results["ratios"][stage] = result["ratio"]
+            results["ratios"].update(result.get("ratios", {}))
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parses ``argv``, runs the benchmark, prints the table, writes the JSON; returns every figure."""
+    settings = resolve(parse_config(argv, __doc__, ["bench"])["bench"])
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")  # forking after ffcv: see the Makefile
+    results = run_benchmark(settings)
+    results["command"] = "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(format_table(results))
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    settings.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {settings.out} ({results['seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
