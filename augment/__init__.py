@@ -15,6 +15,7 @@ from augment.views import (
     blur_kernel_size,
     build_augmentation,
     build_eval_transform,
+    resolve_preset,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "blur_kernel_size",
     "build_augmentation",
     "build_eval_transform",
+    "resolve_preset",
 ]

@@ -300,6 +300,13 @@ def _recipe(preset: str, **overrides: object) -> AugmentRecipe:
     return dataclasses.replace(PRESETS[preset], **changes)
 
 
+def resolve_preset(choice: str, image_size: int) -> str:
+    """``choice`` unless it is ``auto``: then ``cifar`` for images of 64 px or less, else ``imagenet``."""
+    if choice != "auto":
+        return choice
+    return "cifar" if image_size <= 64 else "imagenet"
+
+
 def build_augmentation(
     preset: str,
     K: int,

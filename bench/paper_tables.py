@@ -29,7 +29,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,15 +189,9 @@ def render_markdown(plans: list[Plan]) -> str:
 
 def write_text(path: Path, text: str) -> None:
     """Writes ``text`` atomically (a temporary file renamed over ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from train.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(text), binary=False)
 
 
 def _executable(command: list[str]) -> list[str]:

@@ -360,7 +360,6 @@ def bench_model(s: Settings) -> dict:
         role = "baseline" if not rows else "ours" if (compiled, channels_last, amp) == ours else "variant"
         rows.append(_row(name, role, f"{s.arch}, B={B}, K={s.K} ({views_per_step} views)", B, seconds,
                          cold_s=cold, views_per_s=views_per_step / seconds))
-        del encoder, optimizer, forward
         torch._dynamo.reset()
     by_name = {row["name"]: row for row in rows}
     base = by_name["eager, NCHW, fp32"]

@@ -7,19 +7,17 @@ the image size and the augmentation preset) or ``random``: a randomly initialise
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from augment import build_eval_transform
+from augment import build_eval_transform, resolve_preset
 from data_prep.loader import BetonLoader, inspect_beton
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from train.config import ConfigError
-from train.model import build_encoder
+from train.model import build_encoder_from_cfg
 
 ARCH_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
 EVAL_SECTIONS = ("eval", "cfg", "data")
@@ -76,13 +74,11 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     image_size = arch_cfg["image_size"] or (train_info.fixed_size or (0, 0))[0]
     if not image_size:
         raise ConfigError(f"{data['train_beton']} holds images of several sizes: set cfg.image_size")
-    preset = arch_cfg["augment"] if arch_cfg["augment"] != "auto" else ("cifar" if image_size <= 64 else "imagenet")
+    preset = resolve_preset(arch_cfg["augment"], image_size)
     import timm
     if not timm.is_model(arch_cfg["arch"]):
         raise ConfigError(f"cfg.arch={arch_cfg['arch']!r} is not a timm model")
-    encoder = build_encoder(arch_cfg["arch"], image_size, proj_dim=arch_cfg["proj_dim"],
-                            proj_layers=arch_cfg["proj_layers"] or None, proj_hidden=arch_cfg["proj_hidden"] or None,
-                            cifar_stem=None if arch_cfg["cifar_stem"] == -1 else bool(arch_cfg["cifar_stem"]))
+    encoder = build_encoder_from_cfg(arch_cfg, image_size)
     if state is not None:
         try:
             encoder.load_state_dict(state)
@@ -103,15 +99,6 @@ def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:
 
 def write_results(path: Path, results: dict) -> None:
     """Writes the results JSON atomically and prints the headline."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(json.dumps(results, indent=2) + "\n"), binary=False)
     top5 = f", top-5 {results['top5']:.2%}" if "top5" in results else ""
     print(f"{results['protocol']} ({results['checkpoint']}): top-1 {results['top1']:.2%}{top5} -> {path}", flush=True)

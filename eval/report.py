@@ -130,10 +130,10 @@ def plot_health(log: list[dict], out: Path) -> None:
 @torch.no_grad()
 def zbar_spectra(run_dir: Path, batch_size: int = 512) -> dict[str, torch.Tensor]:
     """Singular values of zbar on the first test batch: the run's encoder and a random one of its arch."""
-    from augment import build_augmentation
+    from augment import build_augmentation, resolve_preset
     from data_prep.loader import BetonLoader
     from train.checkpoint import load_checkpoint
-    from train.model import build_encoder
+    from train.model import build_encoder_from_cfg
 
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     config = checkpoint["config"]
@@ -141,7 +141,7 @@ def zbar_spectra(run_dir: Path, batch_size: int = 512) -> dict[str, torch.Tensor
     loader = BetonLoader(config["data"]["test_beton"], batch_size, train=False, num_workers=1,
                          image_size=cfg["image_size"] or None)
     image_size = loader.image_size
-    preset = cfg["augment"] if cfg["augment"] != "auto" else ("cifar" if image_size <= 64 else "imagenet")
+    preset = resolve_preset(cfg["augment"], image_size)
     torch.manual_seed(0)
     augment = build_augmentation(preset, cfg["K"], image_size)
     images = next(iter(loader)).images.clone()
@@ -149,9 +149,7 @@ def zbar_spectra(run_dir: Path, batch_size: int = 512) -> dict[str, torch.Tensor
     spectra = {}
     for name, state in (("trained", checkpoint["model"]), ("random", None)):
         torch.manual_seed(cfg["seed"])
-        encoder = build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
-                                proj_hidden=cfg["proj_hidden"] or None,
-                                cifar_stem=None if cfg.get("cifar_stem", -1) == -1 else bool(cfg["cifar_stem"]))
+        encoder = build_encoder_from_cfg(cfg, image_size)
         if state is not None:
             encoder.load_state_dict(state)
         encoder.eval()

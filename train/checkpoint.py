@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -42,20 +43,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically (temporary file + rename)."""
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
+    """Calls ``write(handle)`` on a temporary file beside ``path``, then renames it over ``path``.
+
+    A crash or an exception at any moment leaves either the old file or the new one, never a
+    half-written one. The project's one way of writing result files (checkpoints, weights, JSON).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Writes ``state`` to ``path`` atomically (temporary file + rename)."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | Path) -> dict:

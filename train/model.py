@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -266,6 +265,14 @@ def build_encoder(
     return SimMEREncoder(backbone, projector).to(memory_format=torch.channels_last)
 
 
+def build_encoder_from_cfg(cfg: dict, image_size: int) -> SimMEREncoder:
+    """:func:`build_encoder` from a config's ``cfg`` section (keys ``arch``, ``proj_dim``,
+    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` (-1 = automatic))."""
+    stem = cfg.get("cifar_stem", -1)
+    return build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
+                         proj_hidden=cfg["proj_hidden"] or None, cifar_stem=None if stem == -1 else bool(stem))
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     """The module under a torch.compile / DDP wrapper."""
     while True:
@@ -287,16 +294,9 @@ def save_backbone(encoder: nn.Module, path: str | os.PathLike) -> None:
     module = _unwrap(encoder)
     backbone = _unwrap(module.backbone) if isinstance(module, SimMEREncoder) else module
     state = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from train.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def load_backbone(arch: str, path: str | os.PathLike, image_size: int, cifar_stem: bool | None = None) -> nn.Module:

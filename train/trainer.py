@@ -38,13 +38,13 @@ import numpy as np
 import torch
 import yaml
 
-from augment import build_augmentation, build_eval_transform
+from augment import build_augmentation, build_eval_transform, resolve_preset
 from data_prep.loader import BetonLoader, inspect_beton
 from eval.knn import evaluate_knn
 from train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import ConfigError, UserError
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
-from train.model import build_encoder, save_backbone
+from train.model import build_encoder_from_cfg, save_backbone
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
@@ -255,7 +255,7 @@ def pretrain(config: dict) -> dict:
     _seed_everything(cfg["seed"])
     info = inspect_beton(data["train_beton"])
     image_size = cfg["image_size"] or info.fixed_size[0]
-    preset = cfg["augment"] if cfg["augment"] != "auto" else ("cifar" if image_size <= 64 else "imagenet")
+    preset = resolve_preset(cfg["augment"], image_size)
     local_batch = cfg["batch_size"] // world
     use_amp, amp_dtype = amp_settings(run, device)
     compile_enabled = (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"])
@@ -268,9 +268,7 @@ def pretrain(config: dict) -> dict:
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
     peak_lr = cfg["lr"] * cfg["batch_size"] / 256
 
-    encoder = build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
-                            proj_hidden=cfg["proj_hidden"] or None,
-                            cifar_stem=None if cfg["cifar_stem"] == -1 else bool(cfg["cifar_stem"])).to(device)
+    encoder = build_encoder_from_cfg(cfg, image_size).to(device)
     augment = build_augmentation(preset, cfg["K"], image_size,
                                  dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
     eval_transform = build_eval_transform(preset).to(device)
