@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.config import ConfigError, UserError, parse_config, run_cli  # noqa: E402
+from core.config import ConfigError, UserError, parse_config, run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("tables",)
@@ -189,7 +189,7 @@ def render_markdown(plans: list[Plan]) -> str:
 
 def write_text(path: Path, text: str) -> None:
     """Writes ``text`` atomically (a temporary file renamed over ``path``)."""
-    from train.checkpoint import atomic_write
+    from core.io import atomic_write
 
     atomic_write(path, lambda handle: handle.write(text), binary=False)
 

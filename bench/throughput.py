@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from augment import CIFAR10_MEAN, CIFAR10_STD, build_augmentation  # noqa: E402
 from data_prep.sources import ArraySource, load_synthetic  # noqa: E402
-from train.config import ConfigError, parse_config, run_cli  # noqa: E402
+from core.config import ConfigError, parse_config, run_cli  # noqa: E402
 from train.loss import rank_loss, simmer_loss  # noqa: E402
 from train.model import build_encoder  # noqa: E402
 
@@ -400,22 +400,19 @@ def _device_batch_rate(s: Settings, source: ArraySource) -> tuple[float, float]:
     The step of :func:`train.trainer.make_train_step` with pretraining's settings (compile and
     AMP on CUDA), without the loader.
     """
-    from train.trainer import amp_settings, make_train_step
+    from core.config import parse_config
+    from train.trainer import build_training
 
+    config = parse_config([f"--cfg.arch={s.arch}", f"--cfg.K={s.K}", f"--cfg.proj_dim={s.proj_dim}",
+                           f"--cfg.batch_size={s.model_batch}", f"--run.compile={int(s.compile_model)}"], "", ("cfg", "run"))
     device = torch.device(s.device)
-    use_amp, amp_dtype = amp_settings({"amp": -1}, device)
+    if device.type != "cuda":
+        config["run"]["compile"] = 0  # as pretraining's default (compile on CUDA only)
     torch.manual_seed(0)
-    augment = build_augmentation("cifar", s.K, IMAGE_SIZE,
-                                 dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
-    encoder = build_encoder(s.arch, IMAGE_SIZE, proj_dim=s.proj_dim).to(device)
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-    compile_enabled = device.type == "cuda" and s.compile_model
-    model = torch.compile(encoder) if compile_enabled else encoder
-    loss_fn = torch.compile(simmer_loss) if compile_enabled else simmer_loss
+    parts = build_training(config["cfg"], config["run"], device, IMAGE_SIZE)
     images = _device_images(source, s.model_batch, s.device)
-
-    train_step = make_train_step(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn)
+    train_step = parts.step
+    compile_enabled = device.type == "cuda" and s.compile_model
 
     def step() -> None:
         train_step(images)

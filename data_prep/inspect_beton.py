@@ -13,7 +13,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
-from train.config import UserError, run_cli  # noqa: E402
+from core.config import UserError, run_cli  # noqa: E402
 
 
 def summarise(path: str, batch_size: int = 256) -> dict:

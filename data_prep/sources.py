@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from data_prep.synthetic import CLASS_NAMES, make_synthetic
-from train.config import UserError
+from core.config import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from data_prep.convert import convert  # noqa: E402
-from train.config import parse_config, run_cli  # noqa: E402
+from core.config import parse_config, run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

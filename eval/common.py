@@ -15,11 +15,11 @@ from torch import nn
 
 from augment import build_eval_transform, resolve_preset
 from data_prep.loader import BetonLoader, inspect_beton
-from train.checkpoint import CheckpointError, atomic_write, load_checkpoint
-from train.config import ConfigError
-from train.model import build_encoder_from_cfg
+from core.io import atomic_write
+from train.checkpoint import CheckpointError, load_checkpoint
+from core.config import ConfigError
+from train.model import ENCODER_KEYS, build_encoder_from_cfg
 
-ARCH_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
 EVAL_SECTIONS = ("eval", "cfg", "data")
 
 
@@ -60,13 +60,13 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     device = resolve_device(evaluation["device"])
     source = evaluation["checkpoint"]
     if source == "random":
-        arch_cfg, state, run_dir = {key: cfg[key] for key in ARCH_KEYS}, None, None
+        arch_cfg, state, run_dir = {key: cfg[key] for key in ENCODER_KEYS}, None, None
         torch.manual_seed(cfg["seed"])
     else:
         checkpoint = load_checkpoint(source)
-        arch_cfg = {key: checkpoint["config"]["cfg"].get(key, cfg[key]) for key in ARCH_KEYS}
+        arch_cfg = {key: checkpoint["config"]["cfg"].get(key, cfg[key]) for key in ENCODER_KEYS}
         mismatched = [f"--cfg.{key}={cfg[key]!r} but the checkpoint has {arch_cfg[key]!r}"
-                      for key in ARCH_KEYS if f"cfg.{key}" in explicit and cfg[key] != arch_cfg[key]]
+                      for key in ENCODER_KEYS if f"cfg.{key}" in explicit and cfg[key] != arch_cfg[key]]
         if mismatched:
             raise CheckpointError(f"{source} does not match the requested architecture: {'; '.join(mismatched)}")
         state = checkpoint["model"]

@@ -1,12 +1,17 @@
-"""The one feature-extraction path: frozen backbone, the eval transform, AMP on GPU, batched.
+"""Frozen-backbone features and the weighted kNN classifier: the one implementation of each.
 
-Used by the kNN monitor during pretraining and by every evaluation protocol.
+:func:`extract_features` (eval transform, AMP on GPU, batched) serves every evaluation protocol
+and the kNN monitor of pretraining; :func:`knn_predict` / :func:`evaluate_knn` (Wu et al. 2018:
+weighted vote of the k most similar L2-normalised features, weight exp(similarity / t)) serve
+``eval/knn.py`` and the monitor. Imports nothing from ``train``: the trainer and the protocols
+both build on it.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from data_prep.loader import BetonLoader
@@ -49,3 +54,51 @@ def extract_features(backbone: nn.Module, loader: BetonLoader, transform: nn.Mod
     finally:
         backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores of ``queries`` by weighted vote of their ``k`` nearest bank entries.
+
+    bank: (N, F); bank_labels: (N,) int64; queries: (Q, F). Features are L2-normalised here;
+    each neighbour votes with weight exp(cosine similarity / temperature).
+    Returns scores (Q, num_classes) float32.
+    """
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(queries), chunk):
+        similarity = queries[start:start + chunk] @ bank.T
+        top_sim, top_idx = similarity.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(top_idx), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` fractions in [0, 1] (top-k with k <= number of classes)."""
+    result = {}
+    ranked = scores.argsort(dim=1, descending=True)
+    for k in ks:
+        k_eff = min(k, scores.shape[1])
+        result[f"top{k}"] = (ranked[:, :k_eff] == labels[:, None]).any(dim=1).float().mean().item()
+    return result
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 k: int = 200, temperature: float = 0.1) -> dict[str, float]:
+    """Weighted-kNN top-1/top-5 accuracy of ``queries`` against the ``bank``."""
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    return topk_accuracy(knn_predict(bank, bank_labels, queries, num_classes, k, temperature), query_labels)
+
+
+def evaluate_knn(backbone: torch.nn.Module, bank_loader, query_loader, transform: torch.nn.Module,
+                 k: int = 200, temperature: float = 0.1, progress: bool = False) -> dict[str, float]:
+    """kNN accuracy of a frozen backbone: the bank loader's images vote for the query loader's."""
+    bank, bank_labels = extract_features(backbone, bank_loader, transform, progress=progress, desc="kNN bank")
+    queries, query_labels = extract_features(backbone, query_loader, transform, progress=progress, desc="kNN queries")
+    return knn_accuracy(bank, bank_labels, queries, query_labels, k, temperature)

@@ -25,11 +25,10 @@ from torch import nn  # noqa: E402
 from augment import build_augmentation  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 from eval.common import EVAL_SECTIONS, EvalSetup, default_out, prepare, write_results  # noqa: E402
-from eval.features import autocast_context, extract_features  # noqa: E402
-from eval.knn import topk_accuracy  # noqa: E402
+from eval.features import autocast_context, extract_features, topk_accuracy  # noqa: E402
 from eval.linear import new_classifier  # noqa: E402
-from train.config import ConfigError, parse_config, run_cli  # noqa: E402
-from train.trainer import lr_at  # noqa: E402
+from core.config import ConfigError, parse_config, run_cli  # noqa: E402
+from core.schedule import lr_at  # noqa: E402
 
 
 def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: int, head_lr: float, backbone_lr: float,

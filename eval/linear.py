@@ -29,10 +29,9 @@ from torch import nn  # noqa: E402
 from augment import build_augmentation  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 from eval.common import EVAL_SECTIONS, EvalSetup, default_out, prepare, write_results  # noqa: E402
-from eval.features import autocast_context, extract_features  # noqa: E402
-from eval.knn import topk_accuracy  # noqa: E402
-from train.config import ConfigError, parse_config, run_cli  # noqa: E402
-from train.trainer import lr_at  # noqa: E402
+from eval.features import autocast_context, extract_features, topk_accuracy  # noqa: E402
+from core.config import ConfigError, parse_config, run_cli  # noqa: E402
+from core.schedule import lr_at  # noqa: E402
 
 
 def new_classifier(num_features: int, num_classes: int) -> nn.Linear:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import torch  # noqa: E402
 
-from train.config import UserError, run_cli  # noqa: E402
+from core.config import UserError, run_cli  # noqa: E402
 
 
 def _pyplot():

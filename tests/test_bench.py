@@ -11,7 +11,7 @@ import pytest
 
 import bench.throughput as throughput
 from bench.throughput import STAGES, main
-from train.config import ConfigError, run_cli
+from core.config import ConfigError, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,7 +16,7 @@ from data_prep.sources import ArraySource, DataError, load_synthetic, n_shot_ind
 from data_prep.synthetic import make_synthetic
 from data_prep.write_beton import main as write_main
 from data_prep.writer import write_betons
-from train.config import run_cli
+from core.config import run_cli
 
 # ffcv's writer hangs forever when a worker raises: never let a test wait on it.
 pytestmark = pytest.mark.timeout(180)

@@ -11,7 +11,7 @@ from eval.finetune import main as finetune_main
 from eval.knn import main as knn_main
 from eval.linear import main as linear_main
 from eval.report import write_report
-from train.config import parse_config, run_cli
+from core.config import parse_config, run_cli
 from train.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.timeout(300)

@@ -14,10 +14,9 @@ from train.model import (
     build_encoder,
     build_projector,
     default_projector_layers,
-    load_backbone,
-    save_backbone,
     use_cifar_stem,
 )
+from train.checkpoint import load_backbone, save_backbone
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import timm
 import torch
 
 from data_fixtures import tiny_args
-from train.config import run_cli
+from core.config import run_cli
 from train.model import apply_cifar_stem
 from train.pretrain import main as pretrain_main
 
@@ -82,14 +82,15 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(betons, tmp_path):
     All runs are subprocesses so that they share one numerical environment (thread pools).
     """
     args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=1", "--run.progress=1", "--run.log_every=1")
-    stderr_path = tmp_path / "stderr.txt"
-    with open(stderr_path, "w") as stderr:
-        process = _script(args, tmp_path, stdout=subprocess.PIPE, stderr=stderr)
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(stdout_path, "w") as out, open(stderr_path, "w") as stderr:
+        process = _script(args, tmp_path, stdout=out, stderr=stderr)
         deadline = time.time() + 120
-        while time.time() < deadline and not re.search(r"\| *[1-9]/6 ", stderr_path.read_text()):
+        while time.time() < deadline and "training epochs 1-1 of 6 steps" not in stdout_path.read_text():
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        stdout, _ = process.communicate(timeout=120)
+        process.send_signal(signal.SIGTERM)  # the step under way finishes, then the run stops
+        process.wait(timeout=120)
+    stdout = stdout_path.read_text()
     assert process.returncode == 0, stderr_path.read_text()[-2000:]
     stopped = re.search(r"stopped in epoch 1 after step (\d)/6", stdout)
     assert stopped, stdout

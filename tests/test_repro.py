@@ -11,7 +11,7 @@ import pytest
 
 from bench import paper_tables
 from bench.paper_tables import Row, main as tables_main
-from train.config import ConfigError, UserError
+from core.config import ConfigError, UserError
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]

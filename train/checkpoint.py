@@ -6,22 +6,22 @@ A checkpoint is a dict with ``model`` (the *uncompiled*, unwrapped encoder's sta
 ``epoch_sums`` (that epoch's partial loss sums), ``rng`` (python, numpy, torch, cuda states) and
 ``config`` (the resolved config). It is written to a temporary file in the same folder, then
 renamed: a crash at any moment leaves the previous checkpoint intact.
+
+``backbone.pt`` (:func:`save_backbone`) is the backbone alone, in timm's keys, for other code.
 """
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import IO, Callable
 
 import numpy as np
 import torch
 
-from train.config import UserError
+from core.config import UserError
+from core.io import atomic_write
+from train.model import ENCODER_KEYS, backbone_state, build_backbone, use_cifar_stem
 
-# Config keys that must match to resume: they change the weights' shapes or meaning.
-ARCHITECTURE_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size")
 
 
 class CheckpointError(UserError):
@@ -41,26 +41,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
-    """Calls ``write(handle)`` on a temporary file beside ``path``, then renames it over ``path``.
-
-    A crash or an exception at any moment leaves either the old file or the new one, never a
-    half-written one. The project's one way of writing result files (checkpoints, weights, JSON).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -85,7 +65,29 @@ def load_checkpoint(path: str | Path) -> dict:
 def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
     """Refuses to resume a checkpoint whose architecture differs from the current config's."""
     differences = [f"cfg.{key}: checkpoint {saved['cfg'].get(key)!r} vs now {current['cfg'].get(key)!r}"
-                   for key in ARCHITECTURE_KEYS if saved["cfg"].get(key) != current["cfg"].get(key)]
+                   for key in ENCODER_KEYS if saved["cfg"].get(key) != current["cfg"].get(key)]
     if differences:
         raise CheckpointError(f"{path} was made with another architecture ({'; '.join(differences)}); "
                               "use another --run.dir or the same settings")
+
+
+def save_backbone(encoder: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Writes the backbone's weights (:func:`train.model.backbone_state`) to ``path`` atomically.
+
+    Readable with ``torch.load(path, weights_only=True)`` into a plain timm model (README).
+    """
+    state = backbone_state(encoder)
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_backbone(arch: str, path: str | os.PathLike, image_size: int,
+                  cifar_stem: bool | None = None) -> torch.nn.Module:
+    """A fresh timm ``arch`` (stem as :func:`train.model.use_cifar_stem` decides) with the weights at ``path``.
+
+    Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F). Raises ``FileNotFoundError``
+    when there is no file, ``RuntimeError`` when the weights do not fit ``arch``.
+    """
+    stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
+    backbone = build_backbone(arch, stem)
+    backbone.load_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+    return backbone

@@ -19,10 +19,10 @@ Linear(no bias)–BN(affine=False). Two layers for ResNet-18/34 (basic-block Res
 otherwise (ResNet-50); hidden width = F; output D = 2048. The projector's BatchNorm sees all K·B
 views of a step at once.
 
-Saving and loading the backbone alone
--------------------------------------
-:func:`save_backbone` writes the backbone's ``state_dict`` (plain CPU tensors, readable with
-``torch.load(path, weights_only=True)``). Its keys are timm's own, so plain timm reads it::
+The backbone alone
+-----------------
+:func:`backbone_state` is the backbone's ``state_dict`` with timm's own keys;
+``train.checkpoint.save_backbone`` writes it as ``backbone.pt``, which plain timm reads::
 
     import timm, torch
     from train.model import apply_cifar_stem
@@ -31,15 +31,13 @@ Saving and loading the backbone alone
     apply_cifar_stem(backbone)          # only if trained with the CIFAR stem (32-px data)
     backbone.load_state_dict(torch.load("backbone.pt", weights_only=True))
 
-or, equivalently, ``load_backbone("resnet18", "backbone.pt", image_size=32)``. Whether the stem
+or, equivalently, ``train.checkpoint.load_backbone("resnet18", "backbone.pt", image_size=32)``. Whether the stem
 was used follows :func:`use_cifar_stem` (ResNet family and images of 64 px or less).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import timm
 import torch
@@ -55,13 +53,19 @@ __all__ = [
     "build_encoder",
     "build_projector",
     "default_projector_layers",
-    "load_backbone",
-    "save_backbone",
+    "ENCODER_KEYS",
+    "backbone_state",
+    "build_encoder_from_cfg",
     "use_cifar_stem",
 ]
 
 CIFAR_STEM_MAX_SIZE = 64
 """Largest image side (pixels) for which ResNets get the CIFAR stem."""
+
+ENCODER_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
+"""The ``cfg`` keys that define an encoder and the input it expects: the weights' shapes, the stem,
+and the augmentation preset whose normalisation statistics it was trained on. A checkpoint resumes
+and evaluates only with these unchanged; the one list of them."""
 
 
 def _check_arch(arch: str) -> None:
@@ -284,32 +288,12 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def save_backbone(encoder: nn.Module, path: str | os.PathLike) -> None:
-    """Write the backbone's state_dict to ``path`` (atomically).
+def backbone_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's state_dict with timm's own keys (no ``_orig_mod.`` / ``module.`` prefixes).
 
     ``encoder`` is a :class:`SimMEREncoder` (possibly compiled or DDP-wrapped) or a backbone.
-    Tensors are detached, contiguous and on CPU; keys are timm's (no ``_orig_mod.`` /
-    ``module.`` prefixes). Read it back with :func:`load_backbone` or plain timm (module doc).
+    Tensors are detached, contiguous and on CPU.
     """
     module = _unwrap(encoder)
     backbone = _unwrap(module.backbone) if isinstance(module, SimMEREncoder) else module
-    state = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
-    from train.checkpoint import atomic_write
-
-    atomic_write(path, lambda handle: torch.save(state, handle))
-
-
-def load_backbone(arch: str, path: str | os.PathLike, image_size: int, cifar_stem: bool | None = None) -> nn.Module:
-    """A fresh timm ``arch`` (stem as :func:`use_cifar_stem` decides) with the weights at ``path``.
-
-    Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        RuntimeError: the weights do not fit ``arch`` (``load_state_dict``'s message).
-    """
-    stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
-    backbone = build_backbone(arch, stem)
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state)
-    return backbone
+    return {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}

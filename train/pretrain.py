@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import yaml  # noqa: E402
 
-from train.config import parse_config, run_cli  # noqa: E402
+from core.config import parse_config, run_cli  # noqa: E402
 from train.trainer import pretrain, validate_config  # noqa: E402
 
 SECTIONS = ("cfg", "data", "run")

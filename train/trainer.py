@@ -29,22 +29,28 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import yaml
 
 from augment import build_augmentation, build_eval_transform, resolve_preset
+from core.config import ConfigError, UserError
+from core.progress import progress_bar
+from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
-from eval.knn import evaluate_knn
-from train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.config import ConfigError, UserError
+from eval.features import evaluate_knn
+from train.checkpoint import (check_compatible, load_checkpoint, rng_state, save_backbone, save_checkpoint,
+                              set_rng_state)
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
-from train.model import build_encoder_from_cfg, save_backbone
+from train.model import build_encoder_from_cfg
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
@@ -96,14 +102,6 @@ def validate_config(config: dict, check_files: bool = True) -> None:
             raise ConfigError(f"{train_info.path} holds images of several sizes: set cfg.image_size")
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0) -> float:
-    """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
-    if warmup_steps and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
     """Collapse indicators of zbar (B, D): mean per-dimension std, effective rank, mean NN distance.
 
@@ -122,7 +120,7 @@ def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
     return figures
 
 
-# ------------------------------------------------------------------------------------- set-up
+# ------------------------------------------------------------------------------------- pieces
 class _StopFlag:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
 
@@ -131,7 +129,7 @@ class _StopFlag:
         self._previous = {}
 
     def __enter__(self) -> "_StopFlag":
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -145,11 +143,6 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -212,9 +205,50 @@ def make_train_step(model: torch.nn.Module, augment: torch.nn.Module, optimizer:
     return step
 
 
-def _divergence_message(epoch: int, step: int, detail: str, checkpoint_path: Path) -> str:
-    return (f"the loss became non-finite at epoch {epoch + 1}, step {step} ({detail}); the last good checkpoint "
-            f"{checkpoint_path} is kept. Lower cfg.lr or check cfg.alpha_h / cfg.alpha_r.")
+@dataclass
+class TrainingParts:
+    """What a training step is made of, built by :func:`build_training` (also for the benchmarks)."""
+
+    encoder: torch.nn.Module  # the plain encoder: what checkpoints save and the kNN monitor reads
+    model: torch.nn.Module  # what the step runs: the encoder, compiled and/or DDP-wrapped
+    augment: torch.nn.Module
+    eval_transform: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # see make_train_step
+
+
+def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, world: int = 1,
+                   resume: dict | None = None) -> TrainingParts:
+    """The encoder, augmentation, Adam, scaler and step of pretraining, as ``cfg`` and ``run`` say.
+
+    ``resume`` (a checkpoint) restores the weights, optimiser and scaler before the model is
+    wrapped for DDP (``world`` > 1) and compiled (``run.compile``, -1 = on for CUDA).
+    """
+    use_amp, amp_dtype = amp_settings(run, device)
+    preset = resolve_preset(cfg["augment"], image_size)
+    encoder = build_encoder_from_cfg(cfg, image_size).to(device)
+    augment = build_augmentation(preset, cfg["K"], image_size,
+                                 dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg["lr"] * cfg["batch_size"] / 256,
+                                 weight_decay=cfg["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    if resume is not None:
+        encoder.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler") is not None and scaler.is_enabled():
+            scaler.load_state_dict(resume["scaler"])
+    model, loss_fn = encoder, simmer_loss
+    if world > 1:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"]):
+        model, loss_fn = torch.compile(model), torch.compile(simmer_loss)
+    step = make_train_step(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn,
+                           alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
+                           rank_bias=bool(cfg["rank_bias"]))
+    return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
 
 
 def _read_log(path: Path, upto_epoch: int) -> list[dict]:
@@ -226,236 +260,296 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- the run
-def pretrain(config: dict) -> dict:
-    """Runs (or resumes) pretraining as ``config`` says; returns the final summary.
+@dataclass
+class _Run:
+    """Everything a run keeps between steps and epochs: set up by :func:`_setup`, changed by the loop."""
 
-    ``config`` is the nested dict of :func:`train.config.parse_config` with sections ``cfg``,
-    ``data`` and ``run``. Raises :class:`~train.config.UserError` subclasses on bad input.
-    """
-    validate_config(config)
-    cfg, data, run = config["cfg"], config["data"], config["run"]
-    rank, world, device = _init_distributed(run["device"])
-    is_main = rank == 0
-    run_dir = Path(run["dir"])
-    checkpoint_path = run_dir / "checkpoints" / "last.pt"
-    show = bool(run["progress"]) and is_main
+    config: dict
+    rank: int
+    world: int
+    device: torch.device
+    loader: BetonLoader
+    parts: TrainingParts
+    knn_loaders: tuple[BetonLoader, BetonLoader] | None
+    steps_per_epoch: int
+    warmup_steps: int
+    step: int = 0  # optimiser steps so far: the schedule position
+    start_epoch: int = 0
+    skip_batches: int = 0  # steps of ``start_epoch`` done before a mid-epoch stop
+    carried_sums: torch.Tensor | None = None  # that epoch's partial loss sums
+    peak_rank: float = 0.0
+    last_knn: float | None = None
+    images_seen: int = 0
+    interrupted: bool = False
+    cpu_estimate_due: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
-    resume = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
-    if resume is not None:
-        check_compatible(resume["config"], config, checkpoint_path)
-        summary_path = run_dir / "summary.json"
-        if resume["epoch"] >= cfg["epochs"] and summary_path.is_file():
-            if is_main:
-                print(f"{run_dir} is complete ({resume['epoch']}/{cfg['epochs']} epochs); nothing to do. "
-                      "Raise cfg.epochs to train further, or use another run.dir.", flush=True)
-            if world > 1:
-                torch.distributed.destroy_process_group()
-            return json.loads(summary_path.read_text())
+    @property
+    def cfg(self) -> dict:
+        return self.config["cfg"]
 
-    _seed_everything(cfg["seed"])
-    info = inspect_beton(data["train_beton"])
-    image_size = cfg["image_size"] or info.fixed_size[0]
-    preset = resolve_preset(cfg["augment"], image_size)
-    local_batch = cfg["batch_size"] // world
-    use_amp, amp_dtype = amp_settings(run, device)
-    compile_enabled = (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"])
+    @property
+    def run(self) -> dict:
+        return self.config["run"]
 
-    loader = BetonLoader(data["train_beton"], local_batch, train=True, device=device,
-                         num_workers=data["num_workers"], seed=cfg["seed"],
-                         image_size=cfg["image_size"] or None)
-    steps_per_epoch = min(len(loader), run["steps_per_epoch"]) if run["steps_per_epoch"] else len(loader)
-    total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
-    peak_lr = cfg["lr"] * cfg["batch_size"] / 256
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
-    encoder = build_encoder_from_cfg(cfg, image_size).to(device)
-    augment = build_augmentation(preset, cfg["K"], image_size,
-                                 dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
-    eval_transform = build_eval_transform(preset).to(device)
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=peak_lr, weight_decay=cfg["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run["dir"])
 
-    step, start_epoch, skip_batches, carried_sums = 0, 0, 0, None
-    log_path = run_dir / "log.jsonl"
-    if resume is not None:
-        encoder.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler") is not None and scaler.is_enabled():
-            scaler.load_state_dict(resume["scaler"])
-        step, start_epoch = resume["step"], resume["epoch"]
-        skip_batches = resume.get("batch_in_epoch", 0)
-        carried_sums = resume.get("epoch_sums")
-        set_rng_state(resume["rng"])
-        if rank:
-            torch.manual_seed(cfg["seed"] + 1000 * start_epoch + rank)
-        if is_main:
-            where = f"epoch {start_epoch + 1}" + (f", step {skip_batches + 1}" if skip_batches else "")
-            print(f"resuming {checkpoint_path} at {where}", flush=True)
-    elif rank:
-        torch.manual_seed(cfg["seed"] + rank)  # different views on each rank; weights come from rank 0 (DDP)
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
 
-    history = _read_log(log_path, start_epoch) if is_main else []
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg["epochs"]
+
+    @property
+    def peak_lr(self) -> float:
+        return self.cfg["lr"] * self.cfg["batch_size"] / 256
+
+    @property
+    def show(self) -> bool:
+        return bool(self.run["progress"]) and self.is_main
+
+    def checkpoint(self, epochs_done: int, batch_in_epoch: int = 0, sums: torch.Tensor | None = None) -> dict:
+        parts = self.parts
+        return {"model": parts.encoder.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "step": self.step,
+                "epoch": epochs_done, "batch_in_epoch": batch_in_epoch,
+                "epoch_sums": None if sums is None else sums.cpu(), "rng": rng_state(), "config": self.config}
+
+
+@dataclass
+class _Epoch:
+    """What one pass over the loader produced."""
+
+    sums: torch.Tensor  # (4,) summed [loss, tv, entropy, rank] of the epoch's steps, on the device
+    done: int  # steps of this epoch done (including those before a resume)
+    images: int = 0  # images trained on in this invocation (all processes)
+    seconds: float = 0.0
+    zbar: torch.Tensor | None = None  # the last step's zbar (B, D)
+    stopped: bool = False  # a signal stopped it before its last step
+
+
+def _completed(config: dict, resume: dict | None, is_main: bool, world: int) -> dict | None:
+    """The summary of a run that is already complete (nothing left to do), else None."""
+    summary_path = Path(config["run"]["dir"]) / "summary.json"
+    if resume is None or resume["epoch"] < config["cfg"]["epochs"] or not summary_path.is_file():
+        return None
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        log_path.write_text("".join(json.dumps(line) + "\n" for line in history))
-
-    model: torch.nn.Module = encoder
+        print(f"{config['run']['dir']} is complete ({resume['epoch']}/{config['cfg']['epochs']} epochs); nothing to do. "
+              "Raise cfg.epochs to train further, or use another run.dir.", flush=True)
     if world > 1:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = simmer_loss
-    if compile_enabled:
-        model = torch.compile(model)
-        loss_fn = torch.compile(simmer_loss)
+        torch.distributed.destroy_process_group()
+    return json.loads(summary_path.read_text())
 
+
+def _setup(config: dict, rank: int, world: int, device: torch.device, resume: dict | None) -> _Run:
+    """Builds the loaders and the training parts, restores ``resume``, and prepares the run directory."""
+    cfg, data, run = config["cfg"], config["data"], config["run"]
+    _seed_everything(cfg["seed"])
+    image_size = cfg["image_size"] or inspect_beton(data["train_beton"]).fixed_size[0]
+    loader = BetonLoader(data["train_beton"], cfg["batch_size"] // world, train=True, device=device,
+                         num_workers=data["num_workers"], seed=cfg["seed"], image_size=cfg["image_size"] or None)
+    steps_per_epoch = min(len(loader), run["steps_per_epoch"]) if run["steps_per_epoch"] else len(loader)
+    parts = build_training(cfg, run, device, image_size, world, resume)
     knn_loaders = None
-    if is_main and run["knn_every"]:
+    if rank == 0 and run["knn_every"]:
         knn_loaders = tuple(BetonLoader(path, 512, train=False, device=device, num_workers=data["num_workers"],
                                         image_size=image_size) for path in (data["train_beton"], data["test_beton"]))
+    state = _Run(config, rank, world, device, loader, parts, knn_loaders, steps_per_epoch,
+                 warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), cpu_estimate_due=device.type != "cuda")
+    if resume is not None:
+        state.step, state.start_epoch = resume["step"], resume["epoch"]
+        state.skip_batches, state.carried_sums = resume.get("batch_in_epoch", 0), resume.get("epoch_sums")
+        set_rng_state(resume["rng"])
+        if rank:
+            torch.manual_seed(cfg["seed"] + 1000 * state.start_epoch + rank)
+        if rank == 0:
+            where = f"epoch {state.start_epoch + 1}" + (f", step {state.skip_batches + 1}" if state.skip_batches else "")
+            print(f"resuming {state.checkpoint_path} at {where}", flush=True)
+    elif rank:
+        torch.manual_seed(cfg["seed"] + rank)  # different views on each rank; weights come from rank 0 (DDP)
+    if state.is_main:
+        history = _read_log(state.run_dir / "log.jsonl", state.start_epoch)
+        state.last_knn = next((line["knn_top1"] for line in reversed(history) if "knn_top1" in line), None)
+        state.peak_rank = max((line.get("zbar_effective_rank", 0.0) for line in history), default=0.0)
+        state.run_dir.mkdir(parents=True, exist_ok=True)
+        (state.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (state.run_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+    return state
 
-    train_step = make_train_step(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn,
-                                 alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
-                                 rank_bias=bool(cfg["rank_bias"]))
 
-    def checkpoint_state(epochs_done: int, batch_in_epoch: int, sums: torch.Tensor | None) -> dict:
-        return {"model": encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
-                "epoch": epochs_done, "batch_in_epoch": batch_in_epoch,
-                "epoch_sums": None if sums is None else sums.cpu(), "rng": rng_state(), "config": config}
-
-    run_start = time.perf_counter()
-    images_seen = 0
-    last_knn = next((line["knn_top1"] for line in reversed(history) if "knn_top1" in line), None)
-    peak_rank = max((line.get("zbar_effective_rank", 0.0) for line in history), default=0.0)
-    warned_cpu = device.type == "cuda"
-    interrupted = False
-    zbar = None
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg["epochs"]):
-            loader.set_epoch(epoch)
-            encoder.train()
-            sums = torch.zeros(len(PART_NAMES), device=device)
-            done = 0
-            if skip_batches and carried_sums is not None:
-                sums += carried_sums.to(device)
-            epoch_start = time.perf_counter()
-            epoch_images = 0
-            bar = None
-            if show:
-                from tqdm import tqdm
-                bar = tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                           unit="step", dynamic_ncols=True, leave=True)
+def _run_epoch(state: _Run, epoch: int, stop: _StopFlag) -> _Epoch:
+    """One pass over the loader (from ``state.skip_batches`` on): the steps, synced every ``run.log_every``."""
+    state.loader.set_epoch(epoch)
+    state.parts.encoder.train()
+    result = _Epoch(torch.zeros(len(PART_NAMES), device=state.device), done=state.skip_batches)
+    if state.skip_batches and state.carried_sums is not None:
+        result.sums += state.carried_sums.to(state.device)
+    total = state.steps_per_epoch
+    bar = progress_bar(total=total, initial=state.skip_batches, desc=f"epoch {epoch + 1}/{state.cfg['epochs']}",
+                       unit="step", leave=True, enabled=state.show)
+    started = window_start = time.perf_counter()
+    window_images = 0
+    for batch_index, batch in enumerate(state.loader):
+        if batch_index >= total:
+            break
+        if batch_index < state.skip_batches:
+            continue
+        for group in state.parts.optimizer.param_groups:
+            group["lr"] = lr_at(state.step, state.total_steps, state.peak_lr, state.warmup_steps)
+        try:
+            parts, result.zbar = state.parts.step(batch.images)
+        except torch.linalg.LinAlgError as error:  # the SVD met NaN/inf representations
+            raise TrainingDiverged(_divergence(state, epoch, str(error).split(":")[0])) from None
+        result.sums += parts
+        state.step += 1
+        result.done = batch_index + 1
+        images = len(batch.images) * state.world
+        result.images += images
+        window_images += images
+        bar.update(1)
+        estimate_now = state.cpu_estimate_due and window_images >= 2 * len(batch.images) * state.world
+        sync_now = state.step % state.run["log_every"] == 0 or result.done == total or estimate_now
+        if sync_now:
+            _sync_point(state, epoch, parts, bar, window_images / max(time.perf_counter() - window_start, 1e-9))
             window_start, window_images = time.perf_counter(), 0
-            sync_now = False
-            for batch_index, batch in enumerate(loader):
-                if batch_index >= steps_per_epoch:
-                    break
-                if batch_index < skip_batches:
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, peak_lr, warmup_steps)
-                try:
-                    parts, zbar = train_step(batch.images)
-                except torch.linalg.LinAlgError as error:  # the SVD met NaN/inf representations
-                    raise TrainingDiverged(_divergence_message(epoch, step, str(error).split(":")[0], checkpoint_path)) from None
-                sums += parts
-                step += 1
-                done = batch_index + 1
-                epoch_images += len(batch.images) * world
-                window_images += len(batch.images) * world
-                if bar is not None:
-                    bar.update(1)
-                estimate_now = not warned_cpu and window_images >= 2 * local_batch * world
-                sync_now = step % run["log_every"] == 0 or done == steps_per_epoch or estimate_now
-                if sync_now:
-                    values = parts.tolist()  # the one host sync of the window
-                    if not all(math.isfinite(v) for v in values):
-                        detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(PART_NAMES, values))
-                        raise TrainingDiverged(_divergence_message(epoch, step, detail, checkpoint_path))
-                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    window_start, window_images = time.perf_counter(), 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{values[0]:.4f}", tv=f"{values[1]:.4f}", H=f"{values[2]:.3f}",
-                                        R=f"{values[3]:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                        img_s=f"{rate:.0f}", refresh=False)
-                    if estimate_now:
-                        warned_cpu = True
-                        remaining = (total_steps - step) * local_batch * world / max(rate, 1e-9)
-                        if remaining > 3600 and is_main:
-                            warnings.warn(f"running on CPU at {rate:.0f} images/s: this run would take about "
-                                          f"{remaining / 3600:.1f} h. Use a GPU, or try -C configs/demo.yaml for a "
-                                          "CPU-sized run.", stacklevel=1)
-                if world > 1 and sync_now:  # ranks agree on stopping at the sync points only
-                    flag = torch.tensor([float(stop.requested)], device=device)
-                    torch.distributed.all_reduce(flag)
-                    stop.requested = bool(flag.item())
-                if stop.requested and done < steps_per_epoch and (world == 1 or sync_now):
-                    break
-            if bar is not None:
-                bar.close()
-            if stop.requested and done < steps_per_epoch and (world == 1 or sync_now):
-                if is_main:
-                    save_checkpoint(checkpoint_path, checkpoint_state(epoch, done, sums))
-                    print(f"stopped in epoch {epoch + 1} after step {done}/{steps_per_epoch}; checkpoint saved to "
-                          f"{checkpoint_path}. Re-run the same command to resume.", flush=True)
-                interrupted = True
-                break
-            skip_batches, carried_sums = 0, None
-            epoch_seconds = time.perf_counter() - epoch_start
-            images_seen += epoch_images
-            means = (sums / max(1, done)).tolist()
-            line = {"epoch": epoch + 1, **dict(zip(PART_NAMES, means)),
-                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": epoch_images / max(epoch_seconds, 1e-9),
-                    "epoch_seconds": epoch_seconds, "step": step}
-            if zbar is not None:
-                line.update(health(zbar, peak_rank))
-                peak_rank = max(peak_rank, line["zbar_effective_rank"])
-                if line["collapsed"] and is_main:
-                    warnings.warn(f"epoch {epoch + 1}: the representation looks collapsed (effective rank of zbar "
-                                  f"{line['zbar_effective_rank']:.2f}, std {line['zbar_std']:.2e}); "
-                                  "check cfg.alpha_h and cfg.alpha_r", stacklevel=1)
-            last_epoch = epoch + 1 == cfg["epochs"]
-            if knn_loaders is not None and ((epoch + 1) % run["knn_every"] == 0 or last_epoch):
-                accuracy = evaluate_knn(encoder.backbone, *knn_loaders, eval_transform, k=run["knn_k"],
-                                        temperature=run["knn_temperature"], progress=show)
-                line["knn_top1"] = last_knn = accuracy["top1"]
-                line["knn_top5"] = accuracy["top5"]
-            if world > 1:
-                torch.distributed.barrier()
-            epochs_this_run = epoch + 1 - start_epoch
-            if run["stop_after_epochs"] and epochs_this_run >= run["stop_after_epochs"] and not last_epoch:
-                interrupted = True
-            if is_main:
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps(line) + "\n")
-                save_checkpoint(checkpoint_path, checkpoint_state(epoch + 1, 0, None))
-                if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
-                    save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt", checkpoint_state(epoch + 1, 0, None))
-                knn_text = f", kNN top-1 {line['knn_top1']:.2%}" if "knn_top1" in line else ""
-                print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, entropy {line['entropy']:.3f}, "
-                      f"rank {line['rank']:.1f}), {line['images_per_s']:.0f} img/s{knn_text}", flush=True)
-                if interrupted:
-                    print(f"stopping after {epochs_this_run} epoch(s) as run.stop_after_epochs asks; re-run to continue",
-                          flush=True)
-            if interrupted:
-                break
+        if state.world > 1 and sync_now:  # ranks agree on stopping at the sync points only
+            flag = torch.tensor([float(stop.requested)], device=state.device)
+            torch.distributed.all_reduce(flag)
+            stop.requested = bool(flag.item())
+        if stop.requested and result.done < total and (state.world == 1 or sync_now):
+            result.stopped = True
+            break
+    bar.close()
+    result.seconds = time.perf_counter() - started
+    return result
 
-    seconds = time.perf_counter() - run_start
-    summary = {"run_dir": str(run_dir), "epochs_done": step // max(1, steps_per_epoch), "steps": step,
-               "seconds": seconds, "images_per_s": images_seen / max(seconds, 1e-9), "knn_top1": last_knn,
-               "interrupted": interrupted, "device": str(device)}
-    if is_main and not interrupted:
-        save_backbone(encoder, run_dir / "backbone.pt")
-        summary["backbone"] = str(run_dir / "backbone.pt")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        knn_text = f", last kNN top-1 {last_knn:.2%}" if last_knn is not None else ""
-        print(f"done: {cfg['epochs']} epochs in {seconds / 60:.1f} min, {summary['images_per_s']:.0f} img/s{knn_text}; "
-              f"backbone weights in {summary['backbone']}", flush=True)
-    del loader, knn_loaders
+
+def _divergence(state: _Run, epoch: int, detail: str) -> str:
+    return (f"the loss became non-finite at epoch {epoch + 1}, step {state.step} ({detail}); the last good "
+            f"checkpoint {state.checkpoint_path} is kept. Lower cfg.lr or check cfg.alpha_h / cfg.alpha_r.")
+
+
+def _sync_point(state: _Run, epoch: int, parts: torch.Tensor, bar, rate: float) -> None:
+    """The one host sync of a window: the divergence check, the progress bar, the CPU time estimate."""
+    values = parts.tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(PART_NAMES, values))))
+    bar.set_postfix(loss=f"{values[0]:.4f}", tv=f"{values[1]:.4f}", H=f"{values[2]:.3f}", R=f"{values[3]:.1f}",
+                    lr=f"{state.parts.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
+    if state.cpu_estimate_due:
+        state.cpu_estimate_due = False
+        remaining = (state.total_steps - state.step) * state.cfg["batch_size"] / max(rate, 1e-9)
+        if remaining > 3600 and state.is_main:
+            warnings.warn(f"running on CPU at {rate:.0f} images/s: this run would take about {remaining / 3600:.1f} h. "
+                          "Use a GPU, or try -C configs/demo.yaml for a CPU-sized run.", stacklevel=1)
+
+
+def _save_mid_epoch(state: _Run, epoch: int, result: _Epoch) -> None:
+    """A signal stopped the epoch: checkpoint its position and partial sums so that a re-run continues it."""
+    state.interrupted = True
+    if state.is_main:
+        save_checkpoint(state.checkpoint_path, state.checkpoint(epoch, result.done, result.sums))
+        print(f"stopped in epoch {epoch + 1} after step {result.done}/{state.steps_per_epoch}; checkpoint saved to "
+              f"{state.checkpoint_path}. Re-run the same command to resume.", flush=True)
+
+
+def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
+    """Health figures, kNN monitor, log line and checkpoint of a finished epoch; True when the run stops here."""
+    cfg, run = state.cfg, state.run
+    state.skip_batches, state.carried_sums = 0, None
+    state.images_seen += result.images
+    means = (result.sums / max(1, result.done)).tolist()
+    line = {"epoch": epoch + 1, **dict(zip(PART_NAMES, means)), "lr": state.parts.optimizer.param_groups[0]["lr"],
+            "images_per_s": result.images / max(result.seconds, 1e-9), "epoch_seconds": result.seconds,
+            "step": state.step}
+    if result.zbar is not None:
+        line.update(health(result.zbar, state.peak_rank))
+        state.peak_rank = max(state.peak_rank, line["zbar_effective_rank"])
+        if line["collapsed"] and state.is_main:
+            warnings.warn(f"epoch {epoch + 1}: the representation looks collapsed (effective rank of zbar "
+                          f"{line['zbar_effective_rank']:.2f}, std {line['zbar_std']:.2e}); "
+                          "check cfg.alpha_h and cfg.alpha_r", stacklevel=1)
+    last_epoch = epoch + 1 == cfg["epochs"]
+    if state.knn_loaders is not None and ((epoch + 1) % run["knn_every"] == 0 or last_epoch):
+        accuracy = evaluate_knn(state.parts.encoder.backbone, *state.knn_loaders, state.parts.eval_transform,
+                                k=run["knn_k"], temperature=run["knn_temperature"], progress=state.show)
+        line["knn_top1"] = state.last_knn = accuracy["top1"]
+        line["knn_top5"] = accuracy["top5"]
+    if state.world > 1:
+        torch.distributed.barrier()
+    epochs_this_run = epoch + 1 - state.start_epoch
+    stop_here = bool(run["stop_after_epochs"]) and epochs_this_run >= run["stop_after_epochs"] and not last_epoch
+    state.interrupted = state.interrupted or stop_here
+    if state.is_main:
+        with open(state.run_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        save_checkpoint(state.checkpoint_path, state.checkpoint(epoch + 1))
+        if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
+            save_checkpoint(state.run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
+        knn_text = f", kNN top-1 {line['knn_top1']:.2%}" if "knn_top1" in line else ""
+        print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, "
+              f"entropy {line['entropy']:.3f}, rank {line['rank']:.1f}), {line['images_per_s']:.0f} img/s{knn_text}",
+              flush=True)
+        if stop_here:
+            print(f"stopping after {epochs_this_run} epoch(s) as run.stop_after_epochs asks; re-run to continue", flush=True)
+    return stop_here
+
+
+def _finish(state: _Run) -> dict:
+    """Writes the backbone and the summary of a finished run, shuts the loaders and the process group down."""
+    seconds = time.perf_counter() - state.started
+    summary = {"run_dir": str(state.run_dir), "epochs_done": state.step // max(1, state.steps_per_epoch),
+               "steps": state.step, "seconds": seconds, "images_per_s": state.images_seen / max(seconds, 1e-9),
+               "knn_top1": state.last_knn, "interrupted": state.interrupted, "device": str(state.device)}
+    if state.is_main and not state.interrupted:
+        save_backbone(state.parts.encoder, state.run_dir / "backbone.pt")
+        summary["backbone"] = str(state.run_dir / "backbone.pt")
+        (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        knn_text = f", last kNN top-1 {state.last_knn:.2%}" if state.last_knn is not None else ""
+        print(f"done: {state.cfg['epochs']} epochs in {seconds / 60:.1f} min, {summary['images_per_s']:.0f} img/s"
+              f"{knn_text}; backbone weights in {summary['backbone']}", flush=True)
+    state.loader = state.knn_loaders = None  # ffcv loaders go before the process group (PITFALLS)
     gc.collect()
-    if world > 1:
+    if state.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def pretrain(config: dict) -> dict:
+    """Runs (or resumes) pretraining as ``config`` says; returns the final summary.
+
+    ``config`` is the nested dict of :func:`core.config.parse_config` with sections ``cfg``,
+    ``data`` and ``run``. Raises :class:`~core.config.UserError` subclasses on bad input.
+    """
+    validate_config(config)
+    rank, world, device = _init_distributed(config["run"]["device"])
+    checkpoint_path = Path(config["run"]["dir"]) / "checkpoints" / "last.pt"
+    resume = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if resume is not None:
+        check_compatible(resume["config"], config, checkpoint_path)
+    summary = _completed(config, resume, rank == 0, world)
+    if summary is not None:
+        return summary
+    state = _setup(config, rank, world, device, resume)
+    del resume
+    with _StopFlag() as stop:
+        if state.is_main:  # from here on, SIGTERM / Ctrl-C checkpoint and exit 0
+            print(f"training epochs {state.start_epoch + 1}-{state.cfg['epochs']} of {state.steps_per_epoch} steps "
+                  f"on {device} ({world} process{'es' if world > 1 else ''})", flush=True)
+        for epoch in range(state.start_epoch, state.cfg["epochs"]):
+            result = _run_epoch(state, epoch, stop)
+            if result.stopped:
+                _save_mid_epoch(state, epoch, result)
+                break
+            if _end_epoch(state, epoch, result):
+                break
+    return _finish(state)
