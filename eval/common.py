@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from augment import build_eval_transform, resolve_preset
-from data_prep.loader import BetonLoader, inspect_beton
-from core.io import atomic_write
-from train.checkpoint import CheckpointError, load_checkpoint
 from core.config import ConfigError
+from core.io import atomic_write
+from data_prep.loader import BetonLoader, inspect_beton
+from train.checkpoint import CheckpointError, load_checkpoint
 from train.model import ENCODER_KEYS, build_encoder_from_cfg
 
 EVAL_SECTIONS = ("eval", "cfg", "data")

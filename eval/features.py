@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.progress import progress_bar
 from data_prep.loader import BetonLoader
 
 
@@ -40,10 +41,7 @@ def extract_features(backbone: nn.Module, loader: BetonLoader, transform: nn.Mod
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc=desc, leave=False, unit="batch")
+    batches = progress_bar(loader, progress, desc=desc, leave=False, unit="batch")
     try:
         for batch in batches:
             images = transform(batch.images)

@@ -23,12 +23,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import build_augmentation  # noqa: E402
+from core.config import parse_config, run_cli  # noqa: E402
+from core.progress import epoch_line, progress_bar  # noqa: E402
+from core.schedule import lr_at  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 from eval.common import EVAL_SECTIONS, EvalSetup, default_out, prepare, write_results  # noqa: E402
 from eval.features import autocast_context, extract_features, topk_accuracy  # noqa: E402
 from eval.linear import new_classifier  # noqa: E402
-from core.config import ConfigError, parse_config, run_cli  # noqa: E402
-from core.schedule import lr_at  # noqa: E402
 
 
 def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: int, head_lr: float, backbone_lr: float,
@@ -41,10 +42,7 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
                                  {"params": head.parameters(), "base_lr": head_lr}],
                                 lr=head_lr, momentum=momentum, weight_decay=weight_decay)
     total, step = epochs * len(loader), 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="fine-tune", unit="step")
+    bar = progress_bar(total=total, enabled=progress, desc="fine-tune", unit="step")
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
@@ -58,10 +56,9 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
             loss.backward()
             optimizer.step()
             step += 1
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
+        epoch_line(progress, f"fine-tune epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
+    bar.close()
     return head
 
 
@@ -70,8 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     explicit: set[str] = set()
     config = parse_config(argv, __doc__, (*EVAL_SECTIONS, "finetune"), explicit)
     evaluation, tune, data = config["eval"], config["finetune"], config["data"]
-    if tune["epochs"] < 1 or tune["batch_size"] < 2 or tune["head_lr"] <= 0 or tune["backbone_lr"] < 0:
-        raise ConfigError("finetune.epochs >= 1, finetune.batch_size >= 2, finetune.head_lr > 0 and backbone_lr >= 0")
     setup = prepare(config, explicit)
     torch.manual_seed(config["cfg"]["seed"])
     start = time.perf_counter()

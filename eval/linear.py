@@ -27,11 +27,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import build_augmentation  # noqa: E402
+from core.config import parse_config, run_cli  # noqa: E402
+from core.progress import epoch_line, progress_bar  # noqa: E402
+from core.schedule import lr_at  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 from eval.common import EVAL_SECTIONS, EvalSetup, default_out, prepare, write_results  # noqa: E402
 from eval.features import autocast_context, extract_features, topk_accuracy  # noqa: E402
-from core.config import ConfigError, parse_config, run_cli  # noqa: E402
-from core.schedule import lr_at  # noqa: E402
 
 
 def new_classifier(num_features: int, num_classes: int) -> nn.Linear:
@@ -50,13 +51,6 @@ def lars(head: nn.Linear, lr: float, momentum: float, weight_decay: float) -> to
                 lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _progress(iterable, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, **kwargs)
-
-
 def train_on_cached(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, batch_size: int,
                     lr: float, momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
                     progress: bool = False) -> nn.Linear:
@@ -66,7 +60,7 @@ def train_on_cached(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     optimizer = lars(head, lr, momentum, weight_decay)
     steps_per_epoch = -(-len(features) // batch_size)
     total, step = epochs * steps_per_epoch, 0
-    for _ in _progress(range(epochs), progress, desc="linear (cached)", unit="epoch"):
+    for epoch in progress_bar(range(epochs), progress, desc="linear (cached)", unit="epoch"):
         order = torch.randperm(len(features), generator=generator).to(features.device)
         for start in range(0, len(features), batch_size):
             index = order[start:start + batch_size]
@@ -77,6 +71,7 @@ def train_on_cached(features: torch.Tensor, labels: torch.Tensor, num_classes: i
             loss.backward()
             optimizer.step()
             step += 1
+        epoch_line(progress, f"linear (cached) epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
     return head
 
 
@@ -90,7 +85,7 @@ def train_with_augmentation(setup: EvalSetup, loader: BetonLoader, num_classes: 
     total, step = epochs * len(loader), 0
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        for batch in _progress(loader, progress, desc=f"linear epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
+        for batch in progress_bar(loader, progress, desc=f"linear epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
             with torch.no_grad(), autocast_context(setup.device, setup.device.type == "cuda"):
                 features = backbone(augment(batch.images)).float()
             for group in optimizer.param_groups:
@@ -100,6 +95,7 @@ def train_with_augmentation(setup: EvalSetup, loader: BetonLoader, num_classes: 
             loss.backward()
             optimizer.step()
             step += 1
+        epoch_line(progress, f"linear epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
     return head
 
 
@@ -108,8 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
     explicit: set[str] = set()
     config = parse_config(argv, __doc__, (*EVAL_SECTIONS, "linear"), explicit)
     evaluation, linear, data = config["eval"], config["linear"], config["data"]
-    if linear["epochs"] < 1 or linear["batch_size"] < 1 or linear["lr"] <= 0:
-        raise ConfigError("linear.epochs and linear.batch_size must be >= 1 and linear.lr > 0")
     setup = prepare(config, explicit)
     show = bool(evaluation["progress"])
     start = time.perf_counter()

@@ -123,8 +123,17 @@ def test_collapse_is_flagged_without_entropy_and_rank(betons, tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--cfg.K=1", "cfg.K must be >= 2"),
-    ("--cfg.batch_size=1", "cfg.batch_size must be >= 2"),
+    ("--cfg.K=1", "--cfg.K='1' is invalid: expected an integer >= 2"),
+    ("--cfg.K=4.7", "--cfg.K='4.7' is invalid: expected an integer >= 2"),
+    ("--cfg.batch_size=1", "--cfg.batch_size='1' is invalid: expected an integer >= 2"),
+    ("--cfg.lr=nan", "--cfg.lr='nan' is invalid: expected a finite number > 0"),
+    ("--cfg.lr=inf", "--cfg.lr='inf' is invalid"),
+    ("--cfg.weight_decay=nan", "--cfg.weight_decay='nan' is invalid: expected a finite number >= 0"),
+    ("--cfg.warmup_epochs=nan", "--cfg.warmup_epochs='nan' is invalid"),
+    ("--cfg.alpha_h=nan", "--cfg.alpha_h='nan' is invalid"),
+    ("--run.knn_k=-5", "--run.knn_k='-5' is invalid: expected an integer >= 1"),
+    ("--run.knn_temperature=0", "--run.knn_temperature='0' is invalid: expected a finite number > 0"),
+    ("--cfg.rank_bias=2", "--cfg.rank_bias='2' is invalid: expected 0 or 1"),
     ("--cfg.rank_variant=trace", "cfg.rank_variant='trace' is invalid"),
     ("--cfg.arch=resnet_of_dreams", "not a timm model"),
     ("--data.train_beton=/nonexistent/x.beton", "beton not found"),
@@ -134,6 +143,20 @@ def test_bad_configs_fail_before_any_work(betons, tmp_path, capsys, flag, messag
     assert run_cli(pretrain_main, tiny_args(betons, tmp_path / "run", flag)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"cfg:\n  K: 4.7\n", "--cfg.K=4.7 is invalid: expected an integer >= 2"),  # the same rule as the flag
+    (b"cfg:\n  lr: .nan\n", "--cfg.lr=nan is invalid"),
+    (b"cfg:\n  arch: r\xe9snet\n", "is not UTF-8 text"),
+])
+def test_bad_yaml_values_are_refused_like_flags(tmp_path, capsys, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content)
+    assert run_cli(pretrain_main, ["-C", str(config), f"--run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
