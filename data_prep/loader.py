@@ -18,6 +18,7 @@ import and makes ffcv set only numba's threads, so torch's threads stay the call
 from __future__ import annotations
 
 import os
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -193,7 +194,21 @@ class BetonLoader:
         try:
             for images, labels in iterator:
                 yield Batch(images, labels)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+        finally:  # also when the caller leaves the epoch early (break, signal, exception)
+            _shut_down(iterator)
+
+
+def _shut_down(iterator) -> None:
+    """Stops an ffcv epoch iterator and waits for its thread to end.
+
+    ``close()`` alone only asks the thread to stop: it may still be decoding, or blocked putting its
+    end marker into a full queue, when the process exits, which then aborts ("terminate called
+    without an active exception"). Draining the queue lets it finish; joining makes sure it has.
+    """
+    iterator.close()
+    while iterator.is_alive():
+        try:
+            iterator.output_queue.get(timeout=0.05)
+        except queue.Empty:
+            pass
+        iterator.join(timeout=0.05)
