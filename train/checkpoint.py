@@ -4,15 +4,17 @@ A checkpoint is a dict with ``model`` (the *uncompiled*, unwrapped encoder's sta
 ``optimizer``, ``scaler`` (or None), ``step`` (global optimiser steps: the schedule position),
 ``epoch`` (epochs completed), ``batch_in_epoch`` (steps already done in an interrupted epoch),
 ``epoch_sums`` (that epoch's partial loss sums), ``rng`` (python, numpy, torch, cuda states) and
-``config`` (the resolved config). It is written to a temporary file in the same folder, then
+``config`` (the resolved config) and ``steps_per_epoch``. It is written to a temporary file in the same folder, then
 renamed: a crash at any moment leaves the previous checkpoint intact.
 
 ``backbone.pt`` (:func:`save_backbone`) is the backbone alone, in timm's keys, for other code.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +46,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically (temporary file + rename)."""
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    """Writes ``state`` to ``path`` atomically (temporary file + rename).
+
+    A failed write (a full disk, an I/O error) leaves the previous file and raises
+    :class:`CheckpointError` saying what happened and how much space is left.
+    """
+    try:
+        atomic_write(path, lambda handle: torch.save(state, handle))
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "PytorchStreamWriter" not in str(error):
+            raise
+        reason = getattr(error, "strerror", None) or "the write failed"
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(Path(path).parent).free
+            reason += f"; {free / 2**20:.0f} MiB free on that disk"
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}). The previous checkpoint is kept; "
+                              "free some space (or fix the disk) and re-run the same command to resume") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -62,13 +78,32 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
-    """Refuses to resume a checkpoint whose architecture differs from the current config's."""
+# What else must stay as it was for the schedule position and the data order of a resume to mean
+# the same: (section, key). cfg.K, the loss weights, cfg.lr and cfg.epochs may change.
+RESUME_KEYS = (("cfg", "batch_size"), ("cfg", "warmup_epochs"), ("run", "steps_per_epoch"), ("data", "train_beton"))
+
+
+def check_compatible(checkpoint: dict, current: dict, path: str | Path, steps_per_epoch: int | None = None) -> None:
+    """Refuses to resume ``checkpoint`` under a config that changes its encoder, schedule or data.
+
+    ``steps_per_epoch`` (the current run's) is compared with the checkpoint's when both are known:
+    it catches a training beton rewritten with other data under the same name.
+    """
+    saved = checkpoint["config"]
     differences = [f"cfg.{key}: checkpoint {saved['cfg'].get(key)!r} vs now {current['cfg'].get(key)!r}"
                    for key in ENCODER_KEYS if saved["cfg"].get(key) != current["cfg"].get(key)]
     if differences:
         raise CheckpointError(f"{path} was made with another architecture ({'; '.join(differences)}); "
                               "use another --run.dir or the same settings")
+    differences = [f"{section}.{key}: checkpoint {saved[section].get(key)!r} vs now {current[section].get(key)!r}"
+                   for section, key in RESUME_KEYS if saved.get(section, {}).get(key) != current[section].get(key)]
+    saved_steps = checkpoint.get("steps_per_epoch")
+    if steps_per_epoch is not None and saved_steps is not None and saved_steps != steps_per_epoch:
+        differences.append(f"steps per epoch: checkpoint {saved_steps} vs now {steps_per_epoch} (other data?)")
+    if differences:
+        raise CheckpointError(f"{path} cannot resume with another schedule or data ({'; '.join(differences)}): "
+                              "the learning-rate schedule and the data order would no longer match. "
+                              "Use the checkpoint's settings, or another --run.dir for a new run")
 
 
 def save_backbone(encoder: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -14,9 +14,11 @@ Run directory layout (``run.dir``)::
     checkpoints/last.pt    written atomically after every epoch and on SIGTERM/SIGINT
     backbone.pt            the backbone's weights, loadable by timm (see train.model)
     summary.json           the final summary
+    .lock                  held by the running process (train.rundir): one run at a time
 
 Re-running the same command resumes from ``checkpoints/last.pt``; on one process with a fixed
-seed the resume is exact (weights and logged losses), also from a mid-epoch SIGTERM.
+seed the resume is exact (weights and logged losses), also from a mid-epoch SIGTERM. A resume
+that would change the encoder, the schedule or the data is refused (train.checkpoint).
 Distributed (``torchrun``): DDP, the FFCV distributed loader, the loss on the global batch;
 ``cfg.batch_size`` is global. Rank 0 alone writes files.
 """
@@ -43,6 +45,7 @@ import yaml
 
 from augment import build_augmentation, build_eval_transform, resolve_preset
 from core.config import ConfigError, UserError
+from core.io import append_jsonl, atomic_write, read_jsonl, write_jsonl
 from core.progress import progress_bar
 from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
@@ -51,6 +54,7 @@ from train.checkpoint import (check_compatible, load_checkpoint, rng_state, save
                               set_rng_state)
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
 from train.model import build_encoder_from_cfg
+from train.rundir import RunDir
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
@@ -239,14 +243,6 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
 
 
-def _read_log(path: Path, upto_epoch: int) -> list[dict]:
-    """The log lines of epochs <= ``upto_epoch`` (lines of an epoch lost to a crash are dropped)."""
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if line["epoch"] <= upto_epoch]
-
-
 # ------------------------------------------------------------------------------------- the run
 @dataclass
 class _Run:
@@ -263,6 +259,7 @@ class _Run:
     warmup_steps: int
     step: int = 0  # optimiser steps so far: the schedule position
     start_epoch: int = 0
+    epochs_done: int = 0
     skip_batches: int = 0  # steps of ``start_epoch`` done before a mid-epoch stop
     carried_sums: torch.Tensor | None = None  # that epoch's partial loss sums
     peak_rank: float = 0.0
@@ -285,12 +282,12 @@ class _Run:
         return self.rank == 0
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run["dir"])
+    def files(self) -> RunDir:
+        return RunDir(self.run["dir"])
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+        return self.files.last_checkpoint
 
     @property
     def total_steps(self) -> int:
@@ -309,7 +306,8 @@ class _Run:
         return {"model": parts.encoder.state_dict(), "optimizer": parts.optimizer.state_dict(),
                 "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "step": self.step,
                 "epoch": epochs_done, "batch_in_epoch": batch_in_epoch,
-                "epoch_sums": None if sums is None else sums.cpu(), "rng": rng_state(), "config": self.config}
+                "epoch_sums": None if sums is None else sums.cpu(), "rng": rng_state(), "config": self.config,
+                "steps_per_epoch": self.steps_per_epoch}
 
 
 @dataclass
@@ -326,7 +324,7 @@ class _Epoch:
 
 def _completed(config: dict, resume: dict | None, is_main: bool, world: int) -> dict | None:
     """The summary of a run that is already complete (nothing left to do), else None."""
-    summary_path = Path(config["run"]["dir"]) / "summary.json"
+    summary_path = RunDir(config["run"]["dir"]).summary
     if resume is None or resume["epoch"] < config["cfg"]["epochs"] or not summary_path.is_file():
         return None
     if is_main:
@@ -345,6 +343,8 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
     loader = BetonLoader(data["train_beton"], cfg["batch_size"] // world, train=True, device=device,
                          num_workers=data["num_workers"], seed=cfg["seed"], image_size=cfg["image_size"] or None)
     steps_per_epoch = min(len(loader), run["steps_per_epoch"]) if run["steps_per_epoch"] else len(loader)
+    if resume is not None:
+        check_compatible(resume, config, RunDir(run["dir"]).last_checkpoint, steps_per_epoch)
     parts = build_training(cfg, run, device, image_size, world, resume)
     knn_loaders = None
     if rank == 0 and run["knn_every"]:
@@ -354,6 +354,7 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
                  warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), cpu_estimate_due=device.type != "cuda")
     if resume is not None:
         state.step, state.start_epoch = resume["step"], resume["epoch"]
+        state.epochs_done = state.start_epoch
         state.skip_batches, state.carried_sums = resume.get("batch_in_epoch", 0), resume.get("epoch_sums")
         set_rng_state(resume["rng"])
         if rank:
@@ -363,13 +364,12 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
             print(f"resuming {state.checkpoint_path} at {where}", flush=True)
     elif rank:
         torch.manual_seed(cfg["seed"] + rank)  # different views on each rank; weights come from rank 0 (DDP)
-    if state.is_main:
-        history = _read_log(state.run_dir / "log.jsonl", state.start_epoch)
+    if state.is_main:  # the log keeps the epochs the checkpoint has (later ones were lost with a crash)
+        history = [line for line in read_jsonl(state.files.log) if line["epoch"] <= state.start_epoch]
         state.last_knn = next((line["knn_top1"] for line in reversed(history) if "knn_top1" in line), None)
         state.peak_rank = max((line.get("zbar_effective_rank", 0.0) for line in history), default=0.0)
-        state.run_dir.mkdir(parents=True, exist_ok=True)
-        (state.run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (state.run_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in history))
+        atomic_write(state.files.config, lambda handle: yaml.safe_dump(config, handle, sort_keys=False), binary=False)
+        write_jsonl(state.files.log, history)
     return state
 
 
@@ -385,37 +385,41 @@ def _run_epoch(state: _Run, epoch: int, stop: _StopFlag) -> _Epoch:
                        unit="step", leave=True, enabled=state.show)
     started = window_start = time.perf_counter()
     window_images = 0
-    for batch_index, batch in enumerate(state.loader):
-        if batch_index >= total:
-            break
-        if batch_index < state.skip_batches:
-            continue
-        for group in state.parts.optimizer.param_groups:
-            group["lr"] = lr_at(state.step, state.total_steps, state.peak_lr, state.warmup_steps)
-        try:
-            parts, result.zbar = state.parts.step(batch.images)
-        except torch.linalg.LinAlgError as error:  # the SVD met NaN/inf representations
-            raise TrainingDiverged(_divergence(state, epoch, str(error).split(":")[0])) from None
-        result.sums += parts
-        state.step += 1
-        result.done = batch_index + 1
-        images = len(batch.images) * state.world
-        result.images += images
-        window_images += images
-        bar.update(1)
-        estimate_now = state.cpu_estimate_due and window_images >= 2 * len(batch.images) * state.world
-        sync_now = state.step % state.run["log_every"] == 0 or result.done == total or estimate_now
-        if sync_now:
-            _sync_point(state, epoch, parts, bar, window_images / max(time.perf_counter() - window_start, 1e-9))
-            window_start, window_images = time.perf_counter(), 0
-        if state.world > 1 and sync_now:  # ranks agree on stopping at the sync points only
-            flag = torch.tensor([float(stop.requested)], device=state.device)
-            torch.distributed.all_reduce(flag)
-            stop.requested = bool(flag.item())
-        if stop.requested and result.done < total and (state.world == 1 or sync_now):
-            result.stopped = True
-            break
-    bar.close()
+    batches = iter(state.loader)
+    try:
+        for batch_index, batch in enumerate(batches):
+            if batch_index >= total:
+                break
+            if batch_index < state.skip_batches:
+                continue
+            for group in state.parts.optimizer.param_groups:
+                group["lr"] = lr_at(state.step, state.total_steps, state.peak_lr, state.warmup_steps)
+            try:
+                parts, result.zbar = state.parts.step(batch.images)
+            except torch.linalg.LinAlgError as error:  # the SVD met NaN/inf representations
+                raise TrainingDiverged(_divergence(state, epoch, str(error).split(":")[0])) from None
+            result.sums += parts
+            state.step += 1
+            result.done = batch_index + 1
+            images = len(batch.images) * state.world
+            result.images += images
+            window_images += images
+            bar.update(1)
+            estimate_now = state.cpu_estimate_due and window_images >= 2 * len(batch.images) * state.world
+            sync_now = state.step % state.run["log_every"] == 0 or result.done == total or estimate_now
+            if sync_now:
+                _sync_point(state, epoch, parts, bar, window_images / max(time.perf_counter() - window_start, 1e-9))
+                window_start, window_images = time.perf_counter(), 0
+            if state.world > 1 and sync_now:  # ranks agree on stopping at the sync points only
+                flag = torch.tensor([float(stop.requested)], device=state.device)
+                torch.distributed.all_reduce(flag)
+                stop.requested = bool(flag.item())
+            if stop.requested and result.done < total and (state.world == 1 or sync_now):
+                result.stopped = True
+                break
+    finally:  # whatever ends the epoch (its end, a signal, an error): ffcv's thread stops here
+        batches.close()
+        bar.close()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -453,6 +457,7 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     """Health figures, kNN monitor, log line and checkpoint of a finished epoch; True when the run stops here."""
     cfg, run = state.cfg, state.run
     state.skip_batches, state.carried_sums = 0, None
+    state.epochs_done = epoch + 1
     state.images_seen += result.images
     means = (result.sums / max(1, result.done)).tolist()
     line = {"epoch": epoch + 1, **dict(zip(PART_NAMES, means)), "lr": state.parts.optimizer.param_groups[0]["lr"],
@@ -477,11 +482,10 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     stop_here = bool(run["stop_after_epochs"]) and epochs_this_run >= run["stop_after_epochs"] and not last_epoch
     state.interrupted = state.interrupted or stop_here
     if state.is_main:
-        with open(state.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        append_jsonl(state.files.log, line)
         save_checkpoint(state.checkpoint_path, state.checkpoint(epoch + 1))
         if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
-            save_checkpoint(state.run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
+            save_checkpoint(state.files.checkpoints / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
         knn_text = f", kNN top-1 {line['knn_top1']:.2%}" if "knn_top1" in line else ""
         print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, "
               f"entropy {line['entropy']:.3f}, rank {line['rank']:.1f}), {line['images_per_s']:.0f} img/s{knn_text}",
@@ -494,13 +498,13 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
 def _finish(state: _Run) -> dict:
     """Writes the backbone and the summary of a finished run, shuts the loaders and the process group down."""
     seconds = time.perf_counter() - state.started
-    summary = {"run_dir": str(state.run_dir), "epochs_done": state.step // max(1, state.steps_per_epoch),
+    summary = {"run_dir": str(state.files.path), "epochs_done": state.epochs_done,
                "steps": state.step, "seconds": seconds, "images_per_s": state.images_seen / max(seconds, 1e-9),
                "knn_top1": state.last_knn, "interrupted": state.interrupted, "device": str(state.device)}
     if state.is_main and not state.interrupted:
-        save_backbone(state.parts.encoder, state.run_dir / "backbone.pt")
-        summary["backbone"] = str(state.run_dir / "backbone.pt")
-        (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_backbone(state.parts.encoder, state.files.backbone)
+        summary["backbone"] = str(state.files.backbone)
+        atomic_write(state.files.summary, lambda handle: json.dump(summary, handle, indent=2), binary=False)
         knn_text = f", last kNN top-1 {state.last_knn:.2%}" if state.last_knn is not None else ""
         print(f"done: {state.cfg['epochs']} epochs in {seconds / 60:.1f} min, {summary['images_per_s']:.0f} img/s"
               f"{knn_text}; backbone weights in {summary['backbone']}", flush=True)
@@ -520,19 +524,27 @@ def pretrain(config: dict) -> dict:
     """
     validate_config(config)
     rank, world, device = _init_distributed(config["run"]["device"])
-    checkpoint_path = Path(config["run"]["dir"]) / "checkpoints" / "last.pt"
-    resume = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
-    if resume is not None:
-        check_compatible(resume["config"], config, checkpoint_path)
-    summary = _completed(config, resume, rank == 0, world)
-    if summary is not None:
-        return summary
-    state = _setup(config, rank, world, device, resume)
-    del resume
+    files = RunDir(config["run"]["dir"])
+    with files.locked() if rank == 0 else nullcontext():  # one run at a time in a run directory
+        if rank == 0 and (stale := files.prepare()):
+            print(f"removed {stale} temporary file(s) of an interrupted checkpoint write in {files.path}", flush=True)
+        resume = load_checkpoint(files.last_checkpoint) if files.last_checkpoint.exists() else None
+        if resume is not None:
+            check_compatible(resume, config, files.last_checkpoint)
+        summary = _completed(config, resume, rank == 0, world)
+        if summary is not None:
+            return summary
+        state = _setup(config, rank, world, device, resume)
+        del resume
+        return _train(state)
+
+
+def _train(state: _Run) -> dict:
+    """The epochs from ``state.start_epoch`` on, until the end, a signal or ``run.stop_after_epochs``."""
     with _StopFlag() as stop:
         if state.is_main:  # from here on, SIGTERM / Ctrl-C checkpoint and exit 0
             print(f"training epochs {state.start_epoch + 1}-{state.cfg['epochs']} of {state.steps_per_epoch} steps "
-                  f"on {device} ({world} process{'es' if world > 1 else ''})", flush=True)
+                  f"on {state.device} ({state.world} process{'es' if state.world > 1 else ''})", flush=True)
         for epoch in range(state.start_epoch, state.cfg["epochs"]):
             result = _run_epoch(state, epoch, stop)
             if result.stopped:
