@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written one, and reading JSON-lines logs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -9,6 +10,16 @@ from pathlib import Path
 from typing import IO, Callable
 
 from core.config import UserError
+
+
+def open_mode(path: str | Path) -> int:
+    """The permission bits a plain ``open(path, "w")`` would give a new file: 0o666 less the umask
+    (``tempfile.mkstemp`` makes 0o600 files whatever the umask); an existing file keeps its own."""
+    with contextlib.suppress(FileNotFoundError):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
@@ -26,6 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = T
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, open_mode(path))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
