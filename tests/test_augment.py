@@ -258,8 +258,21 @@ def test_rejects_bad_configuration() -> None:
 
 def test_is_one_module_that_moves_with_to() -> None:
     aug = build_augmentation("cifar", K=2)
-    assert isinstance(aug, KViewAugment) and isinstance(aug, nn.Module)
-    assert aug.to(torch.device("cpu")) is aug and aug.K == 2 and aug.size == 32
+    assert isinstance(aug, KViewAugment) and isinstance(aug, nn.Module) and aug.K == 2 and aug.size == 32
+    # The normalisation statistics are buffers, so .to() carries them along with the module.
+    buffers = dict(aug.named_buffers())
+    assert {"normalize.mean", "normalize.std"} <= set(buffers)
+    torch.testing.assert_close(buffers["normalize.mean"].flatten(), torch.tensor(CIFAR10[0]))
+    moved = build_augmentation("cifar", K=2).to(torch.float64)
+    assert {b.dtype for b in moved.buffers()} == {torch.float64}
+    transform = build_eval_transform("cifar").to("meta")
+    assert [b.device.type for b in transform.buffers()] == ["meta", "meta"]
+    # Moved buffers still normalise correctly (the output keeps the module's dtype).
+    images = _random_images(2, 8, seed=12)
+    torch.manual_seed(12)
+    out = build_augmentation("cifar", K=1, size=8, **OFF).to(torch.float64)(images)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[0].double(), _reference(images, CIFAR10), rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -66,7 +66,8 @@ def test_finetune_reaches_100_percent_on_separable_classes(separable_betons, tmp
 def test_random_baseline_writes_to_its_own_folder(betons, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = knn_main(["--eval.checkpoint=random", "--cfg.arch=test_resnet", "--knn.k=5", *data_args(betons), *FAST])
-    assert results["checkpoint"] == "random" and 0.0 <= results["top1"] <= 1.0
+    assert results["checkpoint"] == "random" and 0.0 <= results["top1"] <= results["top5"] <= 1.0
+    assert results["top1"] * 48 == pytest.approx(round(results["top1"] * 48), abs=1e-6)  # a count of 48 queries
     assert json.loads((tmp_path / "runs" / "random_test_resnet" / "eval_knn.json").read_text())["k"] == 5
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -35,11 +36,15 @@ def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path
     assert [line["epoch"] for line in log] == [1, 2]
     for line in log:
         for key in (*LOSS_KEYS, "lr", "images_per_s", "knn_top1", "zbar_std", "zbar_effective_rank", "zbar_nn_distance"):
-            assert key in line and isinstance(line[key], float) and line[key] == line[key], key
+            assert key in line and isinstance(line[key], float) and math.isfinite(line[key]), key
         assert 0.0 <= line["knn_top1"] <= 1.0
+        assert (line["knn_top1"] * 48) == pytest.approx(round(line["knn_top1"] * 48), abs=1e-6)  # a count of 48 queries
         assert line["loss"] == pytest.approx(line["tv"] + 0.1 * line["entropy"] + 2e-4 * line["rank"], rel=1e-4, abs=1e-5)
     assert log[0]["loss"] != log[1]["loss"]
-    assert log[1]["lr"] < log[0]["lr"]  # cosine decay
+    # No warm-up: a cosine from the peak (1e-3 * 16 / 256) over 12 steps; each line logs its last step's lr.
+    peak = 1e-3 * 16 / 256
+    assert log[0]["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 5 / 12)) / 2, rel=1e-6)
+    assert log[1]["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 11 / 12)) / 2, rel=1e-6)
     assert summary["knn_top1"] == log[-1]["knn_top1"] and not summary["interrupted"]
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2 * (96 // 16)
@@ -49,6 +54,22 @@ def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path
     backbone.load_state_dict(torch.load(run_dir / "backbone.pt", weights_only=True))
     for name, tensor in backbone.state_dict().items():
         torch.testing.assert_close(tensor, checkpoint["model"][f"backbone.{name}"], msg=name)
+
+
+def test_warmup_epochs_ramp_the_lr_up_then_decay_it(betons, tmp_path):
+    """cfg.warmup_epochs=2 of 3 (6 steps each): 12 steps up to the peak, then a cosine over 6 steps."""
+    summary = pretrain_main(tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=3",
+                                      "--cfg.warmup_epochs=2"))
+    log = read_log(tmp_path / "run")
+    assert [line["epoch"] for line in log] == [1, 2, 3] and summary["steps"] == 18 and not summary["interrupted"]
+    peak = 1e-3 * 16 / 256
+    assert log[0]["lr"] == pytest.approx(peak * 6 / 12, rel=1e-6)  # step 6 of the 12 warm-up steps
+    assert log[1]["lr"] == pytest.approx(peak, rel=1e-6)  # the last warm-up step reaches the peak
+    assert log[2]["lr"] == pytest.approx(peak * (1 + math.cos(math.pi * 5 / 6)) / 2, rel=1e-6)  # step 5 of 6 down
+    for line in log:
+        for key in LOSS_KEYS:
+            assert math.isfinite(line[key]), key
+    assert "warmup_epochs: 2.0" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
