@@ -44,7 +44,7 @@ def extract_features(backbone: nn.Module, loader: BetonLoader, transform: nn.Mod
     batches = progress_bar(loader, progress, desc=desc, leave=False, unit="batch")
     try:
         for batch in batches:
-            images = transform(batch.images)
+            images = transform(batch.images).contiguous(memory_format=torch.channels_last)
             with autocast_context(device, amp):
                 output = backbone(images)
             features.append(output.float())

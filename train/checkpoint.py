@@ -15,6 +15,7 @@ import contextlib
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,54 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             reason += f"; {free / 2**20:.0f} MiB free on that disk"
         raise CheckpointError(f"cannot write checkpoint {path} ({reason}). The previous checkpoint is kept; "
                               "free some space (or fix the disk) and re-run the same command to resume") from None
+
+
+def _to_cpu(value):
+    """A copy of ``value`` whose tensors are detached CPU copies (the live ones go on training)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, one at a time, each atomically.
+
+    :meth:`save` copies the state to the CPU (the only part that waits for the device) and returns;
+    the file is written while training goes on. :meth:`wait` joins the write under way and raises
+    its error, if any (a full disk surfaces at the next save or at the end of the run).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, path: str | Path, state: dict, background: bool = True) -> None:
+        self.wait()
+        copied = _to_cpu(state)
+        if not background:
+            save_checkpoint(path, copied)
+            return
+        self._thread = threading.Thread(target=self._write, args=(Path(path), copied), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, path: Path, state: dict) -> None:
+        try:
+            save_checkpoint(path, state)
+        except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = error
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Waits for the write under way; raises its error when ``raise_error``."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -50,8 +50,7 @@ from core.progress import progress_bar
 from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
 from eval.features import evaluate_knn
-from train.checkpoint import (check_compatible, load_checkpoint, rng_state, save_backbone, save_checkpoint,
-                              set_rng_state)
+from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
 from train.model import build_encoder_from_cfg
 from train.rundir import RunDir
@@ -60,6 +59,7 @@ PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
 COLLAPSE_RANK_DROP = 0.4  # ... or below this fraction of the run's highest effective rank so far
 COLLAPSE_STD = 1e-3  # per-dimension std of zbar below this: collapse to a point
+KNN_BATCH = {"cuda": 2048, "cpu": 512}  # images per forward of the kNN monitor (eval mode, no gradient)
 
 
 class TrainingDiverged(UserError):
@@ -222,8 +222,10 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
     encoder = build_encoder_from_cfg(cfg, image_size).to(device)
     augment = build_augmentation(preset, cfg["K"], image_size,
                                  dtype=amp_dtype if use_amp and amp_dtype == torch.bfloat16 else torch.float32).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the shapes are fixed: let cuDNN pick its fastest kernels once
     optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg["lr"] * cfg["batch_size"] / 256,
-                                 weight_decay=cfg["weight_decay"])
+                                 weight_decay=cfg["weight_decay"], fused=device.type == "cuda" or None)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     if resume is not None:
         encoder.load_state_dict(resume["model"])
@@ -268,6 +270,7 @@ class _Run:
     interrupted: bool = False
     cpu_estimate_due: bool = False
     started: float = field(default_factory=time.perf_counter)
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
 
     @property
     def cfg(self) -> dict:
@@ -348,7 +351,7 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
     parts = build_training(cfg, run, device, image_size, world, resume)
     knn_loaders = None
     if rank == 0 and run["knn_every"]:
-        knn_loaders = tuple(BetonLoader(path, 512, train=False, device=device, num_workers=data["num_workers"],
+        knn_loaders = tuple(BetonLoader(path, KNN_BATCH[device.type], train=False, device=device, num_workers=data["num_workers"],
                                         image_size=image_size) for path in (data["train_beton"], data["test_beton"]))
     state = _Run(config, rank, world, device, loader, parts, knn_loaders, steps_per_epoch,
                  warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), cpu_estimate_due=device.type != "cuda")
@@ -448,7 +451,7 @@ def _save_mid_epoch(state: _Run, epoch: int, result: _Epoch) -> None:
     """A signal stopped the epoch: checkpoint its position and partial sums so that a re-run continues it."""
     state.interrupted = True
     if state.is_main:
-        save_checkpoint(state.checkpoint_path, state.checkpoint(epoch, result.done, result.sums))
+        state.writer.save(state.checkpoint_path, state.checkpoint(epoch, result.done, result.sums), background=False)
         print(f"stopped in epoch {epoch + 1} after step {result.done}/{state.steps_per_epoch}; checkpoint saved to "
               f"{state.checkpoint_path}. Re-run the same command to resume.", flush=True)
 
@@ -483,9 +486,9 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     state.interrupted = state.interrupted or stop_here
     if state.is_main:
         append_jsonl(state.files.log, line)
-        save_checkpoint(state.checkpoint_path, state.checkpoint(epoch + 1))
+        state.writer.save(state.checkpoint_path, state.checkpoint(epoch + 1), background=not stop_here)
         if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
-            save_checkpoint(state.files.checkpoints / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
+            state.writer.save(state.files.checkpoints / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
         knn_text = f", kNN top-1 {line['knn_top1']:.2%}" if "knn_top1" in line else ""
         print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, "
               f"entropy {line['entropy']:.3f}, rank {line['rank']:.1f}), {line['images_per_s']:.0f} img/s{knn_text}",
@@ -497,6 +500,7 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
 
 def _finish(state: _Run) -> dict:
     """Writes the backbone and the summary of a finished run, shuts the loaders and the process group down."""
+    state.writer.wait()  # the last checkpoint is on disk before the run says it is done
     seconds = time.perf_counter() - state.started
     summary = {"run_dir": str(state.files.path), "epochs_done": state.epochs_done,
                "steps": state.step, "seconds": seconds, "images_per_s": state.images_seen / max(seconds, 1e-9),
@@ -536,7 +540,10 @@ def pretrain(config: dict) -> dict:
             return summary
         state = _setup(config, rank, world, device, resume)
         del resume
-        return _train(state)
+        try:
+            return _train(state)
+        finally:  # also on an error: no checkpoint write is left half done
+            state.writer.wait(raise_error=False)
 
 
 def _train(state: _Run) -> dict:
