@@ -37,7 +37,6 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -170,31 +169,49 @@ def amp_settings(run: dict, device: torch.device) -> tuple[bool, torch.dtype | N
     return True, torch.bfloat16
 
 
-def make_train_step(model: torch.nn.Module, augment: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss, **loss_options):
+class TrainStep:
     """The SimMER optimisation step: ``step(images) -> (parts, zbar)``.
 
-    ``images``: uint8 (B, 3, H, W) on the device. K views are made on the device, the model runs
-    over all K·B views at once (under autocast when ``amp_dtype`` is set), the loss in float32,
-    then backward and the optimiser step (through ``scaler`` for fp16). Returns ``parts``, the
-    detached ``[loss, tv, entropy, rank]`` (4,) on the device (no host sync), and ``zbar`` (B, D).
+    ``images``: uint8 (B, 3, H, W) on the device. K views are made on the device (:meth:`views`),
+    the model runs over all K·B views at once under autocast when ``amp_dtype`` is set
+    (:meth:`forward`), the loss in float32 (:meth:`loss`), then backward (:meth:`backward`) and the
+    optimiser step through ``scaler`` (:meth:`optimise`); the benchmarks time these stages one by
+    one. Returns ``parts``, the detached ``[loss, tv, entropy, rank]`` (4,) on the device (no host
+    sync), and ``zbar`` (B, D).
     """
-    device_type = next(model.parameters()).device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
-    def step(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        views = augment(images)  # (K, B, 3, h, w), channels-last
-        with autocast():
-            z = model(views)  # (K, B, D)
-        loss, parts = loss_fn(z, **loss_options)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def __init__(self, model: torch.nn.Module, augment: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss, **loss_options):
+        self.model, self.augment, self.optimizer, self.scaler = model, augment, optimizer, scaler
+        self.amp_dtype, self.loss_fn, self.loss_options = amp_dtype, loss_fn, loss_options
+
+    def views(self, images: torch.Tensor) -> torch.Tensor:
+        return self.augment(images)  # (K, B, 3, h, w), channels-last
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        if self.amp_dtype is None:
+            return self.model(views)
+        with torch.autocast(views.device.type, dtype=self.amp_dtype):
+            return self.model(views)  # (K, B, D)
+
+    def loss(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss_fn(z, **self.loss_options)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+
+    def optimise(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.forward(self.views(images))
+        loss, parts = self.loss(z)
+        self.backward(loss)
+        self.optimise()
         detached = torch.stack([loss.detach(), parts["tv"].detach(), parts["entropy"].detach(), parts["rank"].detach()])
         return detached, z.detach().float().mean(0)
-
-    return step
 
 
 @dataclass
@@ -207,7 +224,7 @@ class TrainingParts:
     eval_transform: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    step: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # see make_train_step
+    step: TrainStep
 
 
 def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, world: int = 1,
@@ -239,9 +256,9 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"]):
         model, loss_fn = torch.compile(model), torch.compile(simmer_loss)
-    step = make_train_step(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn,
-                           alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
-                           rank_bias=bool(cfg["rank_bias"]))
+    step = TrainStep(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn,
+                     alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
+                     rank_bias=bool(cfg["rank_bias"]))
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
 
 
