@@ -200,6 +200,24 @@ def _declare(config: Config) -> None:
         device_batches=Param(Flag(), "GPU: also time uint8 batches already on the device, no ffcv needed (0/1)", default=1),
         quick=Param(Flag(), "tiny sizes, for a smoke test of the script itself (0/1)", default=0),
     )
+    Section("gpu", "bench/gpu_check.py: the real step timed stage by stage, and the paper run it implies",
+            config_descriptor=config).params(
+        device=Param(Choice(DEVICES), "auto (cuda when available), cpu or cuda", default="auto"),
+        out=Param(Text(), "JSON file with every figure ('' = runs/bench/gpu_check_<device>.json)", default=""),
+        arch=Param(Text(), "timm model", default="resnet18"),
+        batch_size=Param(Int(2), "images per step", default=512),
+        K=Param(Int(2), "views per image", default=4),
+        proj_dim=Param(Int(1), "projector output width D", default=2048),
+        image_size=Param(Int(8), "image side of the synthetic beton", default=32),
+        images=Param(Int(4), "images in the synthetic training beton (the kNN bank)", default=10000),
+        steps=Param(Int(1), "timed steps per measurement, after the warm-up", default=20),
+        warmup=Param(Int(1), "untimed steps before timing (the first one compiles)", default=3),
+        compile=Param(Flag(), "also time the compiled step (0/1)", default=1),
+        epochs=Param(Int(1), "epochs of the projected run", default=800),
+        train_images=Param(Int(1), "training images per epoch of the projected run (CIFAR-10: 50,000)", default=50000),
+        knn_images=Param(Int(1), "bank + query images of one kNN evaluation in the projected run", default=60000),
+        knn_every=Param(Int(0), "epochs between kNN evaluations in the projected run", default=10),
+    )
     Section("tables", "bench/paper_tables.py: run the paper's tables and compare", config_descriptor=config).params(
         table=Param(Text(), "1, 2, 3, 4, 5 or all", default="all"),
         dry_run=Param(Flag(), "list the rows and their commands, run nothing (0/1)", default=0),

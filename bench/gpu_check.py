@@ -1,0 +1,262 @@
+"""The GPU check: pretraining's real step on one device, stage by stage, and the paper run it implies.
+
+    python bench/gpu_check.py                          # CUDA: ResNet-18 (CIFAR stem), B=512, K=4, D=2048
+    python bench/gpu_check.py --gpu.K=10               # Table 1's K
+    python bench/gpu_check.py --gpu.device=cpu --gpu.batch_size=8 --gpu.proj_dim=64 --gpu.images=64 \
+        --gpu.steps=2 --gpu.warmup=1 --gpu.compile=0   # CPU smoke test (seconds)
+
+On a synthetic beton written for the purpose, with the trainer's own parts
+(:func:`train.trainer.build_training`), it measures the loader; the step eager and compiled, each
+split into its stages (augment, forward, loss, backward, optimiser; CUDA events on a GPU) and timed
+whole in steady state; the rank term's methods; one checkpoint (the blocking copy to the CPU and
+the background write); one kNN evaluation; the peak GPU memory. It projects the paper's run
+(``gpu.epochs`` epochs of ``gpu.train_images`` images) with compilation, checkpoints and the kNN
+monitor included, prints a table and writes every figure as JSON. About 3–5 minutes on one H100.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from core.config import parse_config, run_cli  # noqa: E402
+from core.io import atomic_write  # noqa: E402
+from data_prep.loader import BetonLoader  # noqa: E402
+from data_prep.sources import load_synthetic  # noqa: E402
+from data_prep.writer import write_betons  # noqa: E402
+from eval.features import evaluate_knn  # noqa: E402
+from train.checkpoint import CheckpointWriter  # noqa: E402
+from train.loss import rank_loss  # noqa: E402
+from train.trainer import TrainStep, build_training  # noqa: E402
+
+STAGES = ("augment", "forward", "loss", "backward", "optimiser")
+
+
+class _Clock:
+    """Timestamps that measure device time: CUDA events on a GPU, ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+
+def _staged(step: TrainStep, images: torch.Tensor, clock: _Clock) -> list:
+    """One step, with a timestamp between its stages."""
+    marks = [clock.mark()]
+    views = step.views(images)
+    marks.append(clock.mark())
+    z = step.forward(views)
+    marks.append(clock.mark())
+    loss, _ = step.loss(z)
+    marks.append(clock.mark())
+    step.backward(loss)
+    marks.append(clock.mark())
+    step.optimise()
+    marks.append(clock.mark())
+    return marks
+
+
+def time_step(step: TrainStep, images: torch.Tensor, clock: _Clock, steps: int, warmup: int) -> dict:
+    """Cold first step, steady-state ms per step (one sync for ``steps`` steps), and ms per stage."""
+    clock.sync()
+    start = time.perf_counter()
+    step(images)
+    clock.sync()
+    cold_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step(images)
+    clock.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(images)
+    clock.sync()
+    step_ms = (time.perf_counter() - start) * 1000 / steps
+    staged = [_staged(step, images, clock) for _ in range(steps)]
+    clock.sync()
+    stages = {name: statistics.median(clock.ms(marks[i], marks[i + 1]) for marks in staged)
+              for i, name in enumerate(STAGES)}
+    return {"cold_s": cold_s, "step_ms": step_ms, "stages_ms": stages}
+
+
+def time_loader(loader: BetonLoader, clock: _Clock, batches: int) -> float:
+    """ms per batch delivered on the device (whole epochs, after one warm-up epoch)."""
+    for _ in loader:
+        pass
+    done, start = 0, time.perf_counter()
+    while done < batches:
+        for _ in loader:
+            done += 1
+    clock.sync()
+    return (time.perf_counter() - start) * 1000 / done
+
+
+def time_rank_term(batch: int, dim: int, device: torch.device, clock: _Clock, steps: int) -> dict[str, float]:
+    """ms of the rank term forward + backward on a (batch, dim) zbar, per method of computing it."""
+    import train.loss as loss_module
+
+    methods = getattr(loss_module, "SVD_METHODS", ("svdvals",))
+    zbar = torch.randn(batch, dim, device=device, generator=None).requires_grad_()
+    result = {}
+    for method in methods:
+        options = {"svd": method} if len(methods) > 1 else {}
+        rank_loss(zbar, **options).backward()
+        clock.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            rank_loss(zbar, **options).backward()
+        clock.sync()
+        result[method] = (time.perf_counter() - start) * 1000 / steps
+    return result
+
+
+def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path) -> dict[str, float]:
+    """ms of one checkpoint: the blocking copy to the CPU, and the whole background write."""
+    writer = CheckpointWriter()
+    state = {"model": encoder.state_dict(), "optimizer": step.optimizer.state_dict(), "step": 0}
+    start = time.perf_counter()
+    writer.save(folder / "last.pt", state)
+    blocking = time.perf_counter() - start
+    writer.wait()
+    total = time.perf_counter() - start
+    return {"blocking_ms": blocking * 1000, "write_ms": total * 1000, "mb": (folder / "last.pt").stat().st_size / 2**20}
+
+
+def project(figures: dict, options: dict) -> dict[str, float]:
+    """The paper run's time from the measured figures: steps, compilation, checkpoints, kNN."""
+    steps_per_epoch = options["train_images"] // options["batch_size"]
+    step = figures["compiled"] if "compiled" in figures else figures["eager"]
+    step_s = max(step["step_ms"], figures["loader_ms"]) / 1000  # the loader runs alongside; the slower one sets the pace
+    epoch_s = steps_per_epoch * step_s
+    checkpoint = figures["checkpoint"]
+    checkpoint_s = checkpoint["blocking_ms"] / 1000 + max(0.0, checkpoint["write_ms"] / 1000 - epoch_s)
+    evaluations = math.ceil(options["epochs"] / options["knn_every"]) if options["knn_every"] else 0
+    parts = {
+        "train_s": options["epochs"] * epoch_s,
+        "compile_s": max(0.0, step["cold_s"] - step_s),
+        "checkpoints_s": options["epochs"] * checkpoint_s,
+        "knn_s": evaluations * figures["knn"]["s_per_image"] * options["knn_images"],
+    }
+    total = sum(parts.values())
+    return {**parts, "total_s": total, "total_h": total / 3600, "steps_per_epoch": steps_per_epoch,
+            "knn_share": parts["knn_s"] / total, "checkpoint_share": parts["checkpoints_s"] / total}
+
+
+def run_check(options: dict) -> dict:
+    """Every measurement of the check, as one dict (what :func:`main` writes as JSON)."""
+    choice = options["device"]
+    device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    clock = _Clock(device)
+    flags = [f"--cfg.arch={options['arch']}", f"--cfg.batch_size={options['batch_size']}", f"--cfg.K={options['K']}",
+             f"--cfg.proj_dim={options['proj_dim']}"]
+    figures: dict = {"device": str(device), "name": torch.cuda.get_device_name(device) if clock.cuda else "cpu",
+                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "settings": options}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
+        train, test = load_synthetic(options["images"], max(2, options["images"] // 5), size=options["image_size"], seed=0)
+        paths = {Path(folder) / "train.beton": train, Path(folder) / "test.beton": test}
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            write_betons(paths, num_workers=0)
+        beton, test_beton = paths
+        loader = BetonLoader(beton, options["batch_size"], train=True, device=device)
+        figures["loader_ms"] = time_loader(loader, clock, options["steps"])
+        images = next(iter(loader)).images.clone()
+        del loader
+        for mode in ("eager", "compiled") if options["compile"] else ("eager",):
+            config = parse_config([*flags, f"--run.compile={int(mode == 'compiled')}"], "", ("cfg", "run"))
+            torch.manual_seed(0)
+            parts = build_training(config["cfg"], config["run"], device, options["image_size"])
+            figures[mode] = time_step(parts.step, images, clock, options["steps"], options["warmup"])
+            if clock.cuda:
+                figures[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+        figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
+        figures["checkpoint"] = time_checkpoint(parts.step, parts.encoder, Path(folder))
+        bank = BetonLoader(beton, 2048 if clock.cuda else 256, train=False, device=device)
+        queries = BetonLoader(test_beton, 2048 if clock.cuda else 256, train=False, device=device)
+        clock.sync()
+        start = time.perf_counter()
+        accuracy = evaluate_knn(parts.encoder.backbone, bank, queries, parts.eval_transform,
+                                k=min(200, bank.num_samples))
+        clock.sync()
+        seconds = time.perf_counter() - start
+        figures["knn"] = {"seconds": seconds, "images": bank.num_samples + queries.num_samples,
+                          "s_per_image": seconds / (bank.num_samples + queries.num_samples), "top1": accuracy["top1"]}
+        del bank, queries
+    figures["projection"] = project(figures, options)
+    return figures
+
+
+def format_table(figures: dict) -> str:
+    """The printed summary: one line per measurement, the projection last."""
+    options, batch = figures["settings"], figures["settings"]["batch_size"]
+    lines = [f"GPU check on {figures['name']} ({figures['device']}): {options['arch']}, B={batch}, K={options['K']}, "
+             f"D={options['proj_dim']}, {options['image_size']} px", ""]
+    lines.append(f"{'measurement':<36} {'ms':>10} {'images/s':>12}")
+
+    def row(name: str, ms: float, per_batch: bool = True) -> None:
+        rate = f"{batch / ms * 1000:,.0f}" if per_batch and ms > 0 else ""
+        lines.append(f"{name:<36} {ms:>10.2f} {rate:>12}")
+
+    row("loader (batch on the device)", figures["loader_ms"])
+    for mode in ("eager", "compiled"):
+        if mode not in figures:
+            continue
+        result = figures[mode]
+        row(f"step, {mode} (steady state)", result["step_ms"])
+        for stage, ms in result["stages_ms"].items():
+            row(f"  {stage}", ms, per_batch=False)
+        memory = f", peak memory {result['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in result else ""
+        lines.append(f"  first step {result['cold_s']:.1f} s{memory}")
+    for method, ms in figures["rank_term_ms"].items():
+        row(f"rank term fwd+bwd, {method}", ms, per_batch=False)
+    checkpoint = figures["checkpoint"]
+    row(f"checkpoint ({checkpoint['mb']:.0f} MB): blocking copy", checkpoint["blocking_ms"], per_batch=False)
+    row("checkpoint: background write", checkpoint["write_ms"], per_batch=False)
+    knn = figures["knn"]
+    lines.append(f"{'kNN evaluation, ' + str(knn['images']) + ' images':<36} {knn['seconds'] * 1000:>10.1f}")
+    p = figures["projection"]
+    lines += ["", f"projected run: {options['epochs']} epochs x {p['steps_per_epoch']} steps = {p['total_h']:.2f} h "
+              f"(training {p['train_s'] / 60:.1f} min, compilation {p['compile_s'] / 60:.1f} min, checkpoints "
+              f"{p['checkpoints_s'] / 60:.1f} min = {p['checkpoint_share']:.1%}, kNN every {options['knn_every']} "
+              f"epochs {p['knn_s'] / 60:.1f} min = {p['knn_share']:.1%})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parses ``argv``, runs the check, prints the table, writes the JSON; returns every figure."""
+    options = parse_config(argv, __doc__, ("gpu",))["gpu"]
+    figures = run_check(options)
+    figures["command"] = "python bench/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(format_table(figures))
+    out = Path(options["out"] or f"runs/bench/gpu_check_{figures['device'].split(':')[0]}.json")
+    atomic_write(out, lambda handle: json.dump(figures, handle, indent=2), binary=False)
+    print(f"wrote {out}")
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
