@@ -53,6 +53,7 @@ from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
 from train.model import build_encoder_from_cfg
 from train.rundir import RunDir
+from train.tracking import Tracker, parse_loggers, views_grid
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
@@ -75,6 +76,7 @@ def validate_config(config: dict, check_files: bool = True) -> None:
     import timm
 
     cfg, run = config["cfg"], config["run"]
+    parse_loggers(run["logger"])
     problems = []
     if not timm.is_model(cfg["arch"]):
         problems.append(f"cfg.arch={cfg['arch']!r} is not a timm model (e.g. resnet18, resnet50)")
@@ -288,6 +290,7 @@ class _Run:
     cpu_estimate_due: bool = False
     started: float = field(default_factory=time.perf_counter)
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+    tracker: Tracker | None = None
 
     @property
     def cfg(self) -> dict:
@@ -327,7 +330,7 @@ class _Run:
                 "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "step": self.step,
                 "epoch": epochs_done, "batch_in_epoch": batch_in_epoch,
                 "epoch_sums": None if sums is None else sums.cpu(), "rng": rng_state(), "config": self.config,
-                "steps_per_epoch": self.steps_per_epoch}
+                "steps_per_epoch": self.steps_per_epoch, "wandb_id": self.tracker.wandb_id}
 
 
 @dataclass
@@ -390,6 +393,10 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
         state.peak_rank = max((line.get("zbar_effective_rank", 0.0) for line in history), default=0.0)
         atomic_write(state.files.config, lambda handle: yaml.safe_dump(config, handle, sort_keys=False), binary=False)
         write_jsonl(state.files.log, history)
+    state.tracker = Tracker(state.files.path, parse_loggers(run["logger"]) if state.is_main else (), config,
+                            resume_step=None if resume is None else state.step,
+                            wandb_id=None if resume is None else resume.get("wandb_id"),
+                            wandb_project=run["wandb_project"], wandb_mode=run["wandb_mode"])
     return state
 
 
@@ -456,6 +463,9 @@ def _sync_point(state: _Run, epoch: int, parts: torch.Tensor, bar, rate: float) 
         raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(PART_NAMES, values))))
     bar.set_postfix(loss=f"{values[0]:.4f}", tv=f"{values[1]:.4f}", H=f"{values[2]:.3f}", R=f"{values[3]:.1f}",
                     lr=f"{state.parts.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
+    state.tracker.scalars({"train/loss": values[0], "train/tv": values[1], "train/entropy": values[2],
+                           "train/rank": values[3], "train/lr": state.parts.optimizer.param_groups[0]["lr"],
+                           "train/images_per_s": rate}, state.step)
     if state.cpu_estimate_due:
         state.cpu_estimate_due = False
         remaining = (state.total_steps - state.step) * state.cfg["batch_size"] / max(rate, 1e-9)
@@ -485,6 +495,9 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
             "step": state.step}
     if result.zbar is not None:
         line.update(health(result.zbar, state.peak_rank))
+        if state.tracker.active:
+            singular_values = torch.linalg.svdvals(result.zbar.detach().float()).cpu()
+            state.tracker.histogram("epoch/zbar_singular_values", singular_values, state.step)
         state.peak_rank = max(state.peak_rank, line["zbar_effective_rank"])
         if line["collapsed"] and state.is_main:
             warnings.warn(f"epoch {epoch + 1}: the representation looks collapsed (effective rank of zbar "
@@ -503,6 +516,8 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     state.interrupted = state.interrupted or stop_here
     if state.is_main:
         append_jsonl(state.files.log, line)
+        state.tracker.scalars({f"epoch/{key}": float(value) for key, value in line.items()
+                               if key not in ("epoch", "step")}, state.step)
         state.writer.save(state.checkpoint_path, state.checkpoint(epoch + 1), background=not stop_here)
         if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
             state.writer.save(state.files.checkpoints / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
@@ -518,6 +533,7 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
 def _finish(state: _Run) -> dict:
     """Writes the backbone and the summary of a finished run, shuts the loaders and the process group down."""
     state.writer.wait()  # the last checkpoint is on disk before the run says it is done
+    state.tracker.close()
     seconds = time.perf_counter() - state.started
     summary = {"run_dir": str(state.files.path), "epochs_done": state.epochs_done,
                "steps": state.step, "seconds": seconds, "images_per_s": state.images_seen / max(seconds, 1e-9),
@@ -559,13 +575,27 @@ def pretrain(config: dict) -> dict:
         del resume
         try:
             return _train(state)
-        finally:  # also on an error: no checkpoint write is left half done
+        finally:  # also on an error: no checkpoint write is left half done, the loggers are flushed
             state.writer.wait(raise_error=False)
+            state.tracker.close()
+
+
+def _log_views(state: _Run) -> None:
+    """A grid of a few training images above their K augmented views, for the loggers."""
+    batches = iter(state.loader)
+    images = next(batches).images
+    with torch.no_grad():
+        views = state.parts.augment(images[:8])
+    normalize = state.parts.augment.normalize
+    state.tracker.image("views", views_grid(images, views, normalize.mean, normalize.std), 0)
+    batches.close()
 
 
 def _train(state: _Run) -> dict:
     """The epochs from ``state.start_epoch`` on, until the end, a signal or ``run.stop_after_epochs``."""
     with _StopFlag() as stop:
+        if state.tracker.active and state.step == 0:
+            _log_views(state)
         if state.is_main:  # from here on, SIGTERM / Ctrl-C checkpoint and exit 0
             print(f"training epochs {state.start_epoch + 1}-{state.cfg['epochs']} of {state.steps_per_epoch} steps "
                   f"on {state.device} ({state.world} process{'es' if state.world > 1 else ''})", flush=True)

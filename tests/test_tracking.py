@@ -1,0 +1,98 @@
+"""Live tracking: TensorBoard event files read back after runs, signals and resumes; W&B offline."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from core.config import run_cli
+from data_fixtures import tiny_args
+from train.pretrain import main as pretrain_main
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_TAGS = ("train/loss", "train/tv", "train/entropy", "train/rank", "train/lr", "train/images_per_s")
+
+
+def _events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
+                                                                                 "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _steps(events: EventAccumulator, tag: str) -> list[int]:
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_every_step_logged_once_across_a_sigterm_and_a_resume(betons, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
+    args = tiny_args(betons, run_dir, "--run.knn_every=2", "--run.log_every=1")  # 2 epochs of 6 steps
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONUNBUFFERED": "1"}
+    with open(out, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=REPO, env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.time() + 200
+    while "training epochs" not in out.read_text():
+        assert process.poll() is None and time.time() < deadline, out.read_text()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=200) == 0, out.read_text()
+    assert "stopped in epoch" in out.read_text()
+    pretrain_main(args)
+    events = _events(run_dir)
+    for tag in TRAIN_TAGS:
+        assert _steps(events, tag) == list(range(1, 13)), tag
+    assert _steps(events, "epoch/loss") == [6, 12]
+    assert _steps(events, "epoch/knn_top1") == [12]
+    assert {"epoch/zbar_effective_rank", "epoch/epoch_seconds", "epoch/images_per_s"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["histograms"] == ["epoch/zbar_singular_values"]
+    assert [image.step for image in events.Images("views")] == [0]  # once, at the start of the run
+    views = events.Images("views")[0]
+    assert views.width == 8 * 17 + 1 and views.height == 3 * 17 + 1  # 8 images above their K=2 views, 16 px
+
+
+def test_events_a_killed_run_wrote_after_its_checkpoint_are_dropped(betons, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(betons, run_dir, "--run.knn_every=0", "--run.log_every=1")
+    pretrain_main([*args, "--run.stop_after_epochs=1"])  # checkpoint at step 6
+    orphans = SummaryWriter(log_dir=str(run_dir / "tensorboard"))  # what a run killed in epoch 2 left
+    for step in (7, 8, 9):
+        orphans.add_scalar("train/loss", 1e6, step)
+    orphans.close()
+    pretrain_main(args)
+    loss = _events(run_dir).Scalars("train/loss")
+    assert [event.step for event in loss] == list(range(1, 13))
+    assert max(event.value for event in loss) < 1e3
+
+
+def test_wandb_offline_resume_continues_the_same_run(betons, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    args = tiny_args(betons, run_dir, "--run.knn_every=0", "--run.logger=tensorboard,wandb",
+                     "--run.wandb_mode=offline")
+    pretrain_main([*args, "--run.stop_after_epochs=1"])
+    wandb_id = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["wandb_id"]
+    assert isinstance(wandb_id, str) and wandb_id
+    pretrain_main(args)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["wandb_id"] == wandb_id
+    runs = sorted(path.name for path in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{wandb_id}") for name in runs)
+    assert _steps(_events(run_dir), "train/loss")[-1] == 12
+
+
+def test_no_logger_writes_no_event_files_and_bad_logger_is_refused(betons, tmp_path, capsys):
+    pretrain_main(tiny_args(betons, tmp_path / "quiet", "--run.knn_every=0", "--run.logger=none"))
+    assert not (tmp_path / "quiet" / "tensorboard").exists()
+    assert run_cli(pretrain_main, tiny_args(betons, tmp_path / "bad", "--run.logger=tensorboard,mlflow")) == 2
+    assert "--run.logger='tensorboard,mlflow' is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
