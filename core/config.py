@@ -177,6 +177,7 @@ def _declare(config: Config) -> None:
         steps_per_epoch=Param(Int(0), "stop each epoch after this many steps (0 = the whole beton; for smoke tests)", default=0),
         dry_run=Param(Flag(), "print the resolved config and exit (0/1)", default=0),
         progress=Param(Flag(), "progress bars (0/1)", default=1),
+        probe=Param(Flag(), "online linear probe on detached backbone features, logged every epoch (0/1)", default=1),
         logger=Param(Text(), "live tracking: tensorboard, wandb, both (tensorboard,wandb) or none", default="tensorboard"),
         wandb_project=Param(Text(), "W&B project (with run.logger=wandb)", default="simmer"),
         wandb_mode=Param(Choice(("online", "offline")), "W&B mode; offline needs no network (wandb sync uploads later)",

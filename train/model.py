@@ -229,14 +229,17 @@ class SimMEREncoder(nn.Module):
         x, lead = self._flat(x)
         return self.backbone(x).reshape(*lead, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_features: bool = False):
         """Representations z: (K, B, 3, H, W) -> (K, B, D), or (N, 3, H, W) -> (N, D).
 
         The K·B views go through the backbone and projector as one (K·B, 3, H, W) batch
-        (view-major: ``z[k, b]`` is view k of image b, as the input).
+        (view-major: ``z[k, b]`` is view k of image b, as the input). With ``return_features``,
+        returns ``(z, features)``, the pooled backbone features shaped like z: (K, B, F) or (N, F).
         """
         x, lead = self._flat(x)
-        return self.projector(self.backbone(x)).reshape(*lead, -1)
+        features = self.backbone(x)
+        z = self.projector(features).reshape(*lead, -1)
+        return (z, features.reshape(*lead, -1)) if return_features else z
 
 
 def build_encoder(

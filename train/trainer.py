@@ -48,10 +48,11 @@ from core.io import append_jsonl, atomic_write, read_jsonl, write_jsonl
 from core.progress import progress_bar
 from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
-from eval.features import evaluate_knn
+from eval.features import extract_features, knn_accuracy
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
 from train.model import build_encoder_from_cfg
+from train.probe import OnlineProbe
 from train.rundir import RunDir
 from train.tracking import Tracker, parse_loggers, views_grid
 
@@ -178,23 +179,28 @@ class TrainStep:
     the model runs over all K·B views at once under autocast when ``amp_dtype`` is set
     (:meth:`forward`), the loss in float32 (:meth:`loss`), then backward (:meth:`backward`) and the
     optimiser step through ``scaler`` (:meth:`optimise`); the benchmarks time these stages one by
-    one. Returns ``parts``, the detached ``[loss, tv, entropy, rank]`` (4,) on the device (no host
-    sync), and ``zbar`` (B, D).
+    one. With a ``probe`` and ``labels``, the online probe then trains on the first view's
+    detached backbone features. Returns ``parts``, the detached ``[loss, tv, entropy, rank]`` (4,)
+    on the device (no host sync), and ``zbar`` (B, D).
     """
 
     def __init__(self, model: torch.nn.Module, augment: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss, **loss_options):
+                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss,
+                 probe: OnlineProbe | None = None, **loss_options):
         self.model, self.augment, self.optimizer, self.scaler = model, augment, optimizer, scaler
-        self.amp_dtype, self.loss_fn, self.loss_options = amp_dtype, loss_fn, loss_options
+        self.amp_dtype, self.loss_fn, self.loss_options, self.probe = amp_dtype, loss_fn, loss_options, probe
+        self.features: torch.Tensor | None = None  # (B, F) of the first view, for the probe
 
     def views(self, images: torch.Tensor) -> torch.Tensor:
         return self.augment(images)  # (K, B, 3, h, w), channels-last
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        if self.amp_dtype is None:
-            return self.model(views)
-        with torch.autocast(views.device.type, dtype=self.amp_dtype):
-            return self.model(views)  # (K, B, D)
+        with torch.autocast(views.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.probe is None:
+                return self.model(views)  # (K, B, D)
+            z, features = self.model(views, return_features=True)
+        self.features = features[0]
+        return z
 
     def loss(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss_fn(z, **self.loss_options)
@@ -207,11 +213,14 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.forward(self.views(images))
         loss, parts = self.loss(z)
         self.backward(loss)
         self.optimise()
+        if self.probe is not None and labels is not None:
+            self.probe.update(self.features, labels)
+        self.features = None
         detached = torch.stack([loss.detach(), parts["tv"].detach(), parts["entropy"].detach(), parts["rank"].detach()])
         return detached, z.detach().float().mean(0)
 
@@ -230,11 +239,12 @@ class TrainingParts:
 
 
 def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, world: int = 1,
-                   resume: dict | None = None) -> TrainingParts:
+                   resume: dict | None = None, num_classes: int = 0) -> TrainingParts:
     """The encoder, augmentation, Adam, scaler and step of pretraining, as ``cfg`` and ``run`` say.
 
-    ``resume`` (a checkpoint) restores the weights, optimiser and scaler before the model is
-    wrapped for DDP (``world`` > 1) and compiled (``run.compile``, -1 = on for CUDA).
+    ``resume`` (a checkpoint) restores the weights, optimiser, scaler and probe before the model is
+    wrapped for DDP (``world`` > 1) and compiled (``run.compile``, -1 = on for CUDA). The online
+    probe (``run.probe``) needs ``num_classes`` > 0.
     """
     use_amp, amp_dtype = amp_settings(run, device)
     preset = resolve_preset(cfg["augment"], image_size)
@@ -251,6 +261,9 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         optimizer.load_state_dict(resume["optimizer"])
         if resume.get("scaler") is not None and scaler.is_enabled():
             scaler.load_state_dict(resume["scaler"])
+    probe = OnlineProbe(encoder.num_features, num_classes).to(device) if run["probe"] and num_classes else None
+    if probe is not None and resume is not None and resume.get("probe") is not None:
+        probe.load(resume["probe"])
     model, loss_fn = encoder, simmer_loss
     if world > 1:
         if device.type == "cuda":
@@ -258,7 +271,7 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"]):
         model, loss_fn = torch.compile(model), torch.compile(simmer_loss)
-    step = TrainStep(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn,
+    step = TrainStep(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn, probe,
                      alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
                      rank_bias=bool(cfg["rank_bias"]))
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
@@ -330,7 +343,8 @@ class _Run:
                 "scaler": parts.scaler.state_dict() if parts.scaler.is_enabled() else None, "step": self.step,
                 "epoch": epochs_done, "batch_in_epoch": batch_in_epoch,
                 "epoch_sums": None if sums is None else sums.cpu(), "rng": rng_state(), "config": self.config,
-                "steps_per_epoch": self.steps_per_epoch, "wandb_id": self.tracker.wandb_id}
+                "steps_per_epoch": self.steps_per_epoch, "wandb_id": self.tracker.wandb_id,
+                "probe": None if parts.step.probe is None else parts.step.probe.state()}
 
 
 @dataclass
@@ -362,13 +376,14 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
     """Builds the loaders and the training parts, restores ``resume``, and prepares the run directory."""
     cfg, data, run = config["cfg"], config["data"], config["run"]
     _seed_everything(cfg["seed"])
-    image_size = cfg["image_size"] or inspect_beton(data["train_beton"]).fixed_size[0]
+    info = inspect_beton(data["train_beton"])
+    image_size = cfg["image_size"] or info.fixed_size[0]
     loader = BetonLoader(data["train_beton"], cfg["batch_size"] // world, train=True, device=device,
                          num_workers=data["num_workers"], seed=cfg["seed"], image_size=cfg["image_size"] or None)
     steps_per_epoch = min(len(loader), run["steps_per_epoch"]) if run["steps_per_epoch"] else len(loader)
     if resume is not None:
         check_compatible(resume, config, RunDir(run["dir"]).last_checkpoint, steps_per_epoch)
-    parts = build_training(cfg, run, device, image_size, world, resume)
+    parts = build_training(cfg, run, device, image_size, world, resume, num_classes=info.num_classes)
     knn_loaders = None
     if rank == 0 and run["knn_every"]:
         knn_loaders = tuple(BetonLoader(path, KNN_BATCH[device.type], train=False, device=device, num_workers=data["num_workers"],
@@ -422,7 +437,7 @@ def _run_epoch(state: _Run, epoch: int, stop: _StopFlag) -> _Epoch:
             for group in state.parts.optimizer.param_groups:
                 group["lr"] = lr_at(state.step, state.total_steps, state.peak_lr, state.warmup_steps)
             try:
-                parts, result.zbar = state.parts.step(batch.images)
+                parts, result.zbar = state.parts.step(batch.images, batch.labels)
             except torch.linalg.LinAlgError as error:  # the SVD met NaN/inf representations
                 raise TrainingDiverged(_divergence(state, epoch, str(error).split(":")[0])) from None
             result.sums += parts
@@ -504,11 +519,12 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
                           f"{line['zbar_effective_rank']:.2f}, std {line['zbar_std']:.2e}); "
                           "check cfg.alpha_h and cfg.alpha_r", stacklevel=1)
     last_epoch = epoch + 1 == cfg["epochs"]
+    probe = state.parts.step.probe
+    if probe is not None and probe.seen:
+        line["probe_train_top1"] = probe.train_top1()
+        probe.reset()
     if state.knn_loaders is not None and ((epoch + 1) % run["knn_every"] == 0 or last_epoch):
-        accuracy = evaluate_knn(state.parts.encoder.backbone, *state.knn_loaders, state.parts.eval_transform,
-                                k=run["knn_k"], temperature=run["knn_temperature"], progress=state.show)
-        line["knn_top1"] = state.last_knn = accuracy["top1"]
-        line["knn_top5"] = accuracy["top5"]
+        line.update(_monitor(state))
     if state.world > 1:
         torch.distributed.barrier()
     epochs_this_run = epoch + 1 - state.start_epoch
@@ -528,6 +544,19 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
         if stop_here:
             print(f"stopping after {epochs_this_run} epoch(s) as run.stop_after_epochs asks; re-run to continue", flush=True)
     return stop_here
+
+
+def _monitor(state: _Run) -> dict[str, float]:
+    """kNN top-1/top-5 of the backbone, and the probe's test top-1 on the same test features."""
+    backbone, transform, show = state.parts.encoder.backbone, state.parts.eval_transform, state.show
+    bank, bank_labels = extract_features(backbone, state.knn_loaders[0], transform, progress=show, desc="kNN bank")
+    queries, labels = extract_features(backbone, state.knn_loaders[1], transform, progress=show, desc="kNN queries")
+    accuracy = knn_accuracy(bank, bank_labels, queries, labels, state.run["knn_k"], state.run["knn_temperature"])
+    state.last_knn = accuracy["top1"]
+    figures = {"knn_top1": accuracy["top1"], "knn_top5": accuracy["top5"]}
+    if state.parts.step.probe is not None:
+        figures["probe_test_top1"] = state.parts.step.probe.top1(queries, labels)
+    return figures
 
 
 def _finish(state: _Run) -> dict:
