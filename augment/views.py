@@ -39,8 +39,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import kornia.augmentation as KA
+import math
+
+import kornia.color as KC
+import kornia.enhance as KE
+import kornia.filters as KF
+import kornia.geometry.transform as KG
 import torch
+from kornia.geometry.bbox import bbox_generator
 from torch import nn
 
 __all__ = [
@@ -194,42 +200,104 @@ class NormalizeImages(nn.Module):
 
 CROP_MODES = ("auto", "slice", "resample")
 
+# Columns of the one (N, _DRAWS) uniform draw that gives every view all its random parameters.
+_AREA, _LOG_RATIO = slice(0, 10), slice(10, 20)  # 10 crop candidates, as Kornia and torchvision try
+_X0, _Y0, _FLIP, _JITTER, _FACTORS, _GRAY, _BLUR, _SIGMA = 20, 21, 22, 23, slice(24, 28), 28, 29, 30
+_DRAWS = 31
 
-def _crop(recipe: AugmentRecipe, mode: str) -> KA.RandomResizedCrop:
-    size = int(recipe.size)
-    return KA.RandomResizedCrop(
-        (size, size), scale=recipe.scale, ratio=recipe.ratio, same_on_batch=False, cropping_mode=mode
+
+def _crop_boxes(u: torch.Tensor, height: int, width: int, recipe: AugmentRecipe) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop boxes from uniform draws ``u`` (N, _DRAWS): (x0, y0, w, h), each (N,) float, whole pixels.
+
+    Kornia's ``ResizedCropGenerator``, vectorised on the device of ``u`` without a host read: 10
+    candidates with area ~ U(scale)·H·W and log-aspect ~ U(log ratio), w and h rounded; the first
+    that fits is taken, else the whole image (or its largest centred box of an extreme aspect);
+    the top-left corner is uniform over the positions where the box fits.
+    """
+    (s0, s1), (r0, r1) = recipe.scale, recipe.ratio
+    area = (u[:, _AREA] * (s1 - s0) + s0) * (height * width)
+    aspect = torch.exp(u[:, _LOG_RATIO] * (math.log(r1) - math.log(r0)) + math.log(r0))
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits & (fits.cumsum(1) == 1)  # the first candidate that fits (at most one True per row)
+    # Fallback when none fits (a compile-time constant, as in torchvision's get_params).
+    in_ratio = width / height
+    if in_ratio < r0:
+        w_fb, h_fb = float(width), float(round(width / r0))
+    elif in_ratio > r1:
+        w_fb, h_fb = float(round(height * r1)), float(height)
+    else:
+        w_fb, h_fb = float(width), float(height)
+    found = first.any(1)
+    w = torch.where(found, (w * first).sum(1), w_fb).clamp(1, width)
+    h = torch.where(found, (h * first).sum(1), h_fb).clamp(1, height)
+    x0 = torch.minimum((u[:, _X0] * (width - w + 1)).floor(), width - w)
+    y0 = torch.minimum((u[:, _Y0] * (height - h + 1)).floor(), height - h)
+    return x0, y0, w, h
+
+
+def _crop_flip_matrix(x0, y0, w, h, flip: torch.Tensor | None, size: int) -> torch.Tensor:  # noqa: ANN001
+    """(N, 2, 3) affine source pixel -> output pixel mapping the box corners onto the output's
+    (aligned corners), mirrored left-right where ``flip`` (N,) bool: crop and flip in one warp."""
+    out = float(max(size - 1, 1))
+    ax = out / (w - 1).clamp_min(1e-3)  # a one-pixel box repeats its pixel
+    ay = out / (h - 1).clamp_min(1e-3)
+    zero = torch.zeros_like(ax)
+    if flip is None:
+        tx = -ax * x0
+    else:
+        sign = 1.0 - 2.0 * flip.to(ax.dtype)
+        ax = ax * sign
+        tx = -ax * torch.where(flip, x0 + w - 1, x0)
+    return torch.stack([ax, zero, tx, zero, ay, -ay * y0], dim=1).view(-1, 2, 3)
+
+
+def _range(center: float, magnitude: float, lower: float | None = 0.0) -> tuple[float, float]:
+    """Kornia's / torchvision's jitter range: [center − m, center + m], the lower end floored at ``lower``."""
+    lo = center - magnitude
+    return (max(lo, lower) if lower is not None else lo), center + magnitude
+
+
+def _jitter(x: torch.Tensor, u: torch.Tensor, strengths: tuple[float, float, float, float]) -> torch.Tensor:
+    """Kornia ColorJitter's four steps with per-view factors from ``u`` (N, 4), in the fixed order
+    brightness, contrast, saturation, hue; a step whose strength is 0 is left out."""
+    brightness, contrast, saturation, hue = strengths
+    steps = (
+        (brightness, _range(1.0, brightness), KE.adjust_brightness_accumulative),
+        (contrast, _range(1.0, contrast), KE.adjust_contrast_with_mean_subtraction),
+        (saturation, _range(1.0, saturation), KE.adjust_saturation_with_gray_subtraction),
+        (hue, _range(0.0, hue, lower=None), None),
     )
-
-
-def _pipeline(recipe: AugmentRecipe) -> nn.Sequential:
-    """The Kornia ops of ``recipe`` after the crop, on float [0, 1] NCHW, each view with its own parameters."""
-    ops: list[nn.Module] = []
-    if recipe.p_flip > 0:
-        ops.append(KA.RandomHorizontalFlip(p=recipe.p_flip, same_on_batch=False))
-    if recipe.p_jitter > 0:
-        ops.append(KA.ColorJitter(*recipe.jitter, p=recipe.p_jitter, same_on_batch=False))
-    if recipe.p_gray > 0:
-        ops.append(KA.RandomGrayscale(p=recipe.p_gray, same_on_batch=False))
-    if recipe.p_blur > 0:
-        k = recipe.blur_kernel or blur_kernel_size(int(recipe.size))
-        ops.append(KA.RandomGaussianBlur((k, k), recipe.blur_sigma, p=recipe.p_blur, same_on_batch=False))
-    return nn.Sequential(*ops)
+    for i, (strength, (lo, hi), step) in enumerate(steps):
+        if strength <= 0:
+            continue
+        factor = u[:, i] * (hi - lo) + lo
+        x = KE.adjust_hue(x, factor * (2 * math.pi)) if step is None else step(x, factor)
+    return x
 
 
 class KViewAugment(nn.Module):
     """K independently augmented, normalised views of a uint8 batch (built by :func:`build_augmentation`).
+
+    Every random parameter of every view comes from one ``torch.rand`` on the device of the
+    images; Kornia's functions (``kornia.geometry.transform.warp_affine`` / ``crop_by_indices``,
+    ``kornia.enhance.adjust_*``, ``kornia.color.rgb_to_grayscale``, ``kornia.filters.gaussian_blur2d``)
+    do the image work, on all views; a view that skips an op (probability gate) keeps its input
+    through ``torch.where``. So on CUDA a call reads nothing back on the host (no sync), has no
+    data-dependent shapes or branches, and launches a fixed set of kernels (see docs/BENCHMARKS.md).
 
     Args:
         recipe: what to apply (see :data:`PRESETS`).
         K: number of views per image, K >= 1.
         dtype: output dtype (float32, bfloat16, ...).
         flatten: default output form: False -> (K, B, 3, h, w), True -> (K·B, 3, h, w).
-        crop_mode: how RandomResizedCrop crops: ``"slice"`` (Kornia's default: index each view's
-            box and resize it, one Python-level resize per view), ``"resample"`` (one batched
-            bilinear warp for all views), or ``"auto"``: slice on CPU (faster there), resample
-            on other devices (avoids K·B small kernel launches). Both sample the same boxes and
-            agree to float rounding (~1e-5).
+        crop_mode: how the crop is resampled: ``"slice"`` (Kornia's ``crop_by_indices``: index each
+            view's box and resize it, one Python-level resize per view; reads the boxes on the host),
+            ``"resample"`` (one batched bilinear ``warp_affine`` for all views, with the flip folded
+            into the same warp), or ``"auto"``: slice on CPU (faster there), resample on other
+            devices (no host read, no K·B small kernels). Both sample the same boxes and agree to
+            float rounding (~1e-5).
 
     Raises (forward): ValueError for input that is not uint8 of shape (B, 3, H, W).
     """
@@ -252,9 +320,7 @@ class KViewAugment(nn.Module):
         self.K = int(K)
         self.flatten = bool(flatten)
         self.crop_mode = crop_mode
-        self.crop_slice = _crop(recipe, "slice")
-        self.crop_resample = _crop(recipe, "resample")
-        self.augment = _pipeline(recipe)
+        self.blur_kernel = (recipe.blur_kernel or blur_kernel_size(int(recipe.size))) if recipe.p_blur > 0 else None
         self.normalize = NormalizeImages(*recipe.mean_std, dtype=dtype)
 
     @property
@@ -265,6 +331,13 @@ class KViewAugment(nn.Module):
     def size(self) -> int:
         return int(self.recipe.size)
 
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops applied after the crop, in order (those whose probability is 0 are left out)."""
+        r = self.recipe
+        named = (("flip", r.p_flip), ("jitter", r.p_jitter), ("gray", r.p_gray), ("blur", r.p_blur))
+        return ("crop",) + tuple(name for name, p in named if p > 0)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, flatten: bool | None = None) -> torch.Tensor:
         """images: (B, 3, H, W) uint8 -> views (K, B, 3, h, w), or (K·B, 3, h, w) if flatten.
@@ -273,19 +346,42 @@ class KViewAugment(nn.Module):
         ``self.dtype``; on the device of ``images``.
         """
         _check_images(images)
-        batch = images.shape[0]
+        r, size = self.recipe, self.size
+        batch, _, height, width = images.shape
         x = images.to(dtype=torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         if self.K > 1:
             x = x.repeat(self.K, 1, 1, 1)  # view-major: row k*B + b is image b
+        u = torch.rand(x.shape[0], _DRAWS, device=x.device)  # every parameter of every view
+        x0, y0, w, h = _crop_boxes(u, height, width, r)
+        flip = u[:, _FLIP] < r.p_flip if r.p_flip > 0 else None
         resample = self.crop_mode == "resample" or (self.crop_mode == "auto" and x.device.type != "cpu")
-        x = (self.crop_resample if resample else self.crop_slice)(x)
-        views = self.normalize.normalize_unit(self.augment(x))
+        if resample:
+            matrix = _crop_flip_matrix(x0, y0, w, h, flip, size)
+            x = KG.warp_affine(x, matrix, (size, size), mode="bilinear", padding_mode="zeros", align_corners=True)
+        else:
+            x = KG.crop_by_indices(x, bbox_generator(x0, y0, w, h), (size, size), "bilinear", align_corners=True)
+            if flip is not None:
+                x = torch.where(flip.view(-1, 1, 1, 1), KG.hflip(x), x)
+        if r.p_jitter > 0:
+            gate = (u[:, _JITTER] < r.p_jitter).view(-1, 1, 1, 1)
+            x = torch.where(gate, _jitter(x, u[:, _FACTORS], r.jitter), x)
+        if r.p_gray > 0:
+            gate = (u[:, _GRAY] < r.p_gray).view(-1, 1, 1, 1)
+            x = torch.where(gate, KC.rgb_to_grayscale(x), x)  # (N, 1, h, w) broadcasts over channels
+        if self.blur_kernel is not None:
+            gate = (u[:, _BLUR] < r.p_blur).view(-1, 1, 1, 1)
+            sigma = (u[:, _SIGMA] * (r.blur_sigma[1] - r.blur_sigma[0]) + r.blur_sigma[0]).view(-1, 1)
+            # gaussian_blur2d's own steps without its host-side `sigma > 0` check (sigma >= 0.1 here):
+            # one 1-D kernel per view, used along both axes, as RandomGaussianBlur does.
+            kernel = KF.get_gaussian_kernel1d(self.blur_kernel, sigma)
+            x = torch.where(gate, KF.filter2d_separable(x, kernel, kernel, border_type="reflect"), x)
+        views = self.normalize.normalize_unit(x)
         if self.flatten if flatten is None else flatten:
             return views
         return views.view(self.K, batch, *views.shape[1:])
 
     def extra_repr(self) -> str:
-        return f"K={self.K}, flatten={self.flatten}, crop_mode={self.crop_mode!r}, recipe={self.recipe}"
+        return f"K={self.K}, flatten={self.flatten}, crop_mode={self.crop_mode!r}, ops={self.ops}, recipe={self.recipe}"
 
 
 def _recipe(preset: str, **overrides: object) -> AugmentRecipe:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from bench.cuda_trace import CudaTrace
 
 from augment import (
     NORM_STATS,
@@ -70,12 +73,12 @@ def test_imagenet_preset_size_and_blur() -> None:
     torch.manual_seed(1)
     aug = build_augmentation("imagenet", K=2)
     assert aug(_random_images(2, 96)).shape == (2, 2, 3, 84, 84)
-    blur = [m for m in aug.modules() if type(m).__name__ == "RandomGaussianBlur"]
-    assert len(blur) == 1 and blur[0].flags["kernel_size"] == (9, 9)
+    assert aug.ops == ("crop", "flip", "jitter", "gray", "blur") and aug.blur_kernel == 9
     assert build_augmentation("imagenet", K=1, size=64)(_random_images(2, 84)).shape == (1, 2, 3, 64, 64)
     assert [blur_kernel_size(s) for s in (32, 84, 224)] == [3, 9, 23]
     assert PRESETS["imagenet"].mean_std == IMAGENET and PRESETS["cifar"].mean_std == CIFAR10
-    assert not any(type(m).__name__ == "RandomGaussianBlur" for m in build_augmentation("cifar", K=2).modules())
+    cifar = build_augmentation("cifar", K=2)
+    assert cifar.ops == ("crop", "flip", "jitter", "gray") and cifar.blur_kernel is None
 
 
 def test_views_differ_from_one_another() -> None:
@@ -212,8 +215,7 @@ def test_eval_transform_equals_normalised_source(dtype: torch.dtype) -> None:
 def test_linear_presets_crop_and_flip_only() -> None:
     for preset in ("cifar_linear", "imagenet_linear"):
         aug = build_augmentation(preset, K=1)
-        ops = [type(m).__name__ for m in aug.modules() if type(m).__module__.startswith("kornia.augmentation._2d")]
-        assert set(ops) == {"RandomResizedCrop", "RandomHorizontalFlip"}, ops
+        assert aug.ops == ("crop", "flip")
         assert PRESETS[preset].scale == (0.08, 1.0)
     torch.manual_seed(11)
     colour = _random_images(1, 1, seed=11)
@@ -282,3 +284,34 @@ def test_cuda_views_match_cpu_layout() -> None:
     assert views.device.type == "cuda" and views.dtype == torch.bfloat16
     assert views.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
     assert build_eval_transform("cifar")(images).device.type == "cuda"
+
+
+@pytest.mark.parametrize(("preset", "side"), [("cifar", 32), ("imagenet", 96)])
+def test_cuda_path_has_no_host_sync(preset: str, side: int) -> None:
+    """The real module on (fake) CUDA tensors: no host sync, a fixed and small number of launches.
+
+    No GPU is needed: FakeTensorMode runs every CUDA branch with shape-only tensors and CudaTrace
+    sees every aten op (see bench/cuda_trace.py for what counts as a sync and as a launch).
+    """
+    K, B = 4, 512
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        augment = build_augmentation(preset, K=K).to("cuda")
+        augment_bf16 = build_augmentation(preset, K=K, dtype=torch.bfloat16).to("cuda")
+        images = torch.empty(B, 3, side, side, dtype=torch.uint8, device="cuda")
+        with CudaTrace(placeholders=False) as trace:
+            with trace.region("augment"):
+                views = augment(images)
+            with trace.region("augment_bf16_flat"):
+                augment_bf16(images, flatten=True)
+    assert views.device.type == "cuda" and views.shape == (K, B, 3, augment.size, augment.size)
+    assert views.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert trace.syncs == [], trace.summary()
+    ops = {r.op for r in trace.records}
+    for data_dependent in ("nonzero", "masked_select", "_local_scalar_dense", "index.Tensor", "index_put"):
+        assert not any(data_dependent in op for op in ops), data_dependent
+    # Every CUDA op runs on the device: nothing was made on the CPU and copied over.
+    copies = [r for r in trace.records if r.op in ("aten._to_copy.default", "aten.copy_.default")]
+    assert copies and all(r.sync is None for r in copies)
+    # Launch budget (docs/BENCHMARKS.md): Kornia's own augmentation modules needed 350 (cifar) and
+    # 411 (imagenet) launches plus 8-9 host syncs per call.
+    assert trace.launches["augment"] <= {"cifar": 250, "imagenet": 280}[preset], trace.launches
