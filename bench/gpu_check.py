@@ -9,7 +9,7 @@ On a synthetic beton written for the purpose, with the trainer's own parts
 (:func:`train.trainer.build_training`), it measures the loader; the step eager and compiled, each
 split into its stages (augment, forward, loss, backward, optimiser; CUDA events on a GPU) and timed
 whole in steady state; the rank term's methods; one checkpoint (the blocking copy to the CPU and
-the background write); one kNN evaluation; the peak GPU memory. It projects the paper's run
+the background write); the online probe's update; one kNN evaluation; the peak GPU memory. It projects the paper's run
 (``gpu.epochs`` epochs of ``gpu.train_images`` images) with compilation, checkpoints and the kNN
 monitor included, prints a table and writes every figure as JSON. About 3–5 minutes on one H100.
 """
@@ -134,6 +134,19 @@ def time_rank_term(batch: int, dim: int, device: torch.device, clock: _Clock, st
     return result
 
 
+def time_probe(step: TrainStep, batch: int, device: torch.device, clock: _Clock, steps: int) -> float:
+    """ms of one online-probe update (included in the step's figures; this is its share)."""
+    features = torch.randn(batch, step.probe.head.in_features, device=device)
+    labels = torch.randint(0, step.probe.head.out_features, (batch,), device=device)
+    step.probe.update(features, labels)
+    clock.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step.probe.update(features, labels)
+    clock.sync()
+    return (time.perf_counter() - start) * 1000 / steps
+
+
 def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path) -> dict[str, float]:
     """ms of one checkpoint: the blocking copy to the CPU, and the whole background write."""
     writer = CheckpointWriter()
@@ -188,11 +201,12 @@ def run_check(options: dict) -> dict:
         for mode in ("eager", "compiled") if options["compile"] else ("eager",):
             config = parse_config([*flags, f"--run.compile={int(mode == 'compiled')}"], "", ("cfg", "run"))
             torch.manual_seed(0)
-            parts = build_training(config["cfg"], config["run"], device, options["image_size"])
+            parts = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
             figures[mode] = time_step(parts.step, images, clock, options["steps"], options["warmup"])
             if clock.cuda:
                 figures[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 torch.cuda.reset_peak_memory_stats(device)
+        figures["probe_ms"] = time_probe(parts.step, options["batch_size"], device, clock, options["steps"])
         figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
         figures["checkpoint"] = time_checkpoint(parts.step, parts.encoder, Path(folder))
         bank = BetonLoader(beton, 2048 if clock.cuda else 256, train=False, device=device)
@@ -231,6 +245,8 @@ def format_table(figures: dict) -> str:
             row(f"  {stage}", ms, per_batch=False)
         memory = f", peak memory {result['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in result else ""
         lines.append(f"  first step {result['cold_s']:.1f} s{memory}")
+    step_ms = figures.get("compiled", figures["eager"])["step_ms"]
+    row(f"online probe update ({figures['probe_ms'] / step_ms:.1%} of a step)", figures["probe_ms"], per_batch=False)
     for method, ms in figures["rank_term_ms"].items():
         row(f"rank term fwd+bwd, {method}", ms, per_batch=False)
     checkpoint = figures["checkpoint"]

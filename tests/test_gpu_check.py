@@ -25,7 +25,7 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     eager = written["eager"]
     assert list(eager["stages_ms"]) == list(STAGES) and all(_positive(ms) for ms in eager["stages_ms"].values())
     assert _positive(eager["step_ms"]) and _positive(eager["cold_s"]) and "compiled" not in written
-    assert _positive(written["loader_ms"])
+    assert _positive(written["loader_ms"]) and _positive(written["probe_ms"])
     assert set(written["rank_term_ms"]) and all(_positive(ms) for ms in written["rank_term_ms"].values())
     checkpoint = written["checkpoint"]
     assert 0 < checkpoint["blocking_ms"] <= checkpoint["write_ms"] and checkpoint["mb"] > 0
