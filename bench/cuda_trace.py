@@ -107,8 +107,8 @@ def _tensors(tree: object) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
-def _on_cuda(tensors: list[torch.Tensor]) -> bool:
-    return any(t.device.type == "cuda" for t in tensors)
+def _on_cuda(tensors: list[torch.Tensor], device_type: str = "cuda") -> bool:
+    return any(t.device.type == device_type for t in tensors)
 
 
 def _copy_sync(src: torch.Tensor, dst_device: torch.device, non_blocking: bool) -> str | None:
@@ -123,13 +123,14 @@ def _has_bool_index(indices: object) -> bool:
     return any(t.dtype in (torch.bool, torch.uint8) for t in _tensors(indices))
 
 
-def _sync_reason(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> str | None:
+def _sync_reason(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object,
+                 device_type: str = "cuda") -> str | None:
     name = func._schema.name.split("::")[-1]
     inputs = _tensors((args, kwargs))
     if name == "_local_scalar_dense":
-        return "reads a device value on the host (.item()/bool()/.tolist())" if _on_cuda(inputs) else None
+        return "reads a device value on the host (.item()/bool()/.tolist())" if _on_cuda(inputs, device_type) else None
     if name in ("is_nonzero", "equal"):
-        return "returns a Python bool from device data" if _on_cuda(inputs) else None
+        return "returns a Python bool from device data" if _on_cuda(inputs, device_type) else None
     if name == "_to_copy":
         src = args[0]
         dst = kwargs.get("device") or src.device
@@ -138,7 +139,7 @@ def _sync_reason(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: ob
         dst, src = args[0], args[1]
         non_blocking = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
         return _copy_sync(src, dst.device, non_blocking)
-    if not _on_cuda(inputs + _tensors(out)):
+    if not _on_cuda(inputs + _tensors(out), device_type):
         return None
     if name in _DATA_DEPENDENT_SHAPE and name != "nonzero_static":
         return "output shape depends on the data"
@@ -153,13 +154,13 @@ def _sync_reason(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: ob
     return None
 
 
-def _is_launch(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> bool:
+def _is_launch(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object, device_type: str = "cuda") -> bool:
     name = func._schema.name.split("::")[-1]
     if name in _ALLOCATION_ONLY or func.is_view or func.namespace != "aten":
         return False  # prim.* ops (prim.device, ...) read metadata
     if any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
         return False  # returns a view of an input (metadata only)
-    return _on_cuda(_tensors((args, kwargs)) + _tensors(out))
+    return _on_cuda(_tensors((args, kwargs)) + _tensors(out), device_type)
 
 
 def _placeholder_scalar(t: torch.Tensor) -> bool | int | float:
@@ -205,12 +206,17 @@ class CudaTrace(TorchDispatchMode):
 
     Args:
         placeholders: let fake-tensor code run past a sync (see the module docstring).
+        device_type: the device whose tensors count. ``"cpu"`` classifies real CPU ops as if they
+            ran on the GPU, for code that fake CUDA tensors cannot run: autograd's backward needs a
+            real CUDA context, so the backward pass is traced on CPU tensors (the same ops and
+            custom backward functions; only copies between host and device cannot show there).
     """
 
-    def __init__(self, placeholders: bool = True) -> None:
+    def __init__(self, placeholders: bool = True, device_type: str = "cuda") -> None:
         super().__init__()
         ensure_fake_kernels()
         self.placeholders = placeholders
+        self.device_type = device_type
         self.records: list[OpRecord] = []
         self._stack: list[str] = []
 
@@ -267,7 +273,8 @@ class CudaTrace(TorchDispatchMode):
             out = self._placeholder(func, name, args, kwargs)
         region = self._stack[-1] if self._stack else NO_REGION
         self.records.append(
-            OpRecord(region, str(func), _is_launch(func, args, kwargs, out), _sync_reason(func, args, kwargs, out))
+            OpRecord(region, str(func), _is_launch(func, args, kwargs, out, self.device_type),
+                     _sync_reason(func, args, kwargs, out, self.device_type))
         )
         return out
 

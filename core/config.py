@@ -153,6 +153,9 @@ def _declare(config: Config) -> None:
         alpha_h=Param(Float(0), "weight of the entropy term", default=0.1),
         alpha_r=Param(Float(0), "weight of the rank term", default=2e-4),
         rank_variant=Param(Choice(RANK_VARIANTS), "rank term: tlsm, nuclear, nuclear_spectral, nuclear_frobenius", default="nuclear"),
+        svd=Param(Choice(("auto", "newton_schulz", "svdvals")), "how the rank term gets singular values: newton_schulz "
+                  "(matmuls only, no host sync on GPU), svdvals (exact reference; syncs on CUDA), auto (newton_schulz "
+                  "on GPU, svdvals on CPU)", default="auto"),
         rank_bias=Param(Flag(), "append a column of ones to zbar in the rank term (0/1)", default=0),
         arch=Param(Text(), "any timm model name (ResNets get the CIFAR stem on images <= 64 px)", default="resnet18"),
         cifar_stem=Param(Int(-1, 1), "3x3 stride-1 stem, no max-pool (1/0; -1 = for ResNets on images <= 64 px)", default=-1),

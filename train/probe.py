@@ -16,13 +16,14 @@ from torch import nn
 class OnlineProbe(nn.Module):
     """Linear classifier (F -> classes) with its own optimiser; :meth:`update` is one training step."""
 
-    def __init__(self, num_features: int, num_classes: int, lr: float = 1e-3) -> None:
+    def __init__(self, num_features: int, num_classes: int, lr: float = 1e-3,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        # zeros, and no draw from the global RNG: the run is the same with or without a probe
-        self.head = nn.utils.skip_init(nn.Linear, num_features, num_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
+        # zeros, made on the device, and no draw from the global RNG: the run is the same with or without a probe
+        self.head = nn.Linear(num_features, num_classes, device="meta")
+        self.head.weight = nn.Parameter(torch.zeros(num_classes, num_features, device=device))
+        self.head.bias = nn.Parameter(torch.zeros(num_classes, device=device))
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr, fused=True)  # its step count stays on the device
         self.correct = None  # (1,) correct training predictions since :meth:`reset`, on the device
         self.seen = 0
 

@@ -261,7 +261,7 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         optimizer.load_state_dict(resume["optimizer"])
         if resume.get("scaler") is not None and scaler.is_enabled():
             scaler.load_state_dict(resume["scaler"])
-    probe = OnlineProbe(encoder.num_features, num_classes).to(device) if run["probe"] and num_classes else None
+    probe = OnlineProbe(encoder.num_features, num_classes, device=device) if run["probe"] and num_classes else None
     if probe is not None and resume is not None and resume.get("probe") is not None:
         probe.load(resume["probe"])
     model, loss_fn = encoder, simmer_loss
@@ -273,7 +273,7 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         model, loss_fn = torch.compile(model), torch.compile(simmer_loss)
     step = TrainStep(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn, probe,
                      alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
-                     rank_bias=bool(cfg["rank_bias"]))
+                     rank_bias=bool(cfg["rank_bias"]), svd=cfg["svd"])
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
 
 
