@@ -405,19 +405,10 @@ def simmer_loss(
         ValueError: z is not (K, B, D) with K >= 2, B >= 2, D >= 1, or the variant or svd
             method is unknown.
 
-    Distributed: when ``torch.distributed`` is initialised with world size N > 1, each rank
-    passes its local z of shape (K, b, D), the same b on every rank. ``zbar`` is all-gathered
-    *with gradient* to (N·b, D) for the entropy and rank terms, which are therefore the same on
-    every rank and equal the single-process terms on the full batch B = N·b. ``tv`` stays local
-    (the mean over the local elements). So rank r returns ``TV_r + G(zbar_global)`` where
-    ``G = alpha_h·L_H + alpha_r·L_R``, and ``mean_r TV_r = TV`` of the full batch.
-
-    Gradients: the gather's backward sums over ranks the gradient each rank's copy of G sends
-    to a block of zbar, so rank r's backward gives ``∂TV_r/∂θ + N · (∂G/∂zbar_r)(∂zbar_r/∂θ)``.
-    DDP then averages parameter gradients (sum over ranks / N):
-    ``(1/N) Σ_r ∂TV_r/∂θ + Σ_r (∂G/∂zbar_r)(∂zbar_r/∂θ) = ∂TV/∂θ + ∂G/∂θ``, exactly the
-    single-process gradient on the full batch. The factor N from the summing backward is what
-    cancels DDP's 1/N. Likewise the rank-averaged loss value equals the single-process one.
+    Distributed: under ``torch.distributed`` (world size N > 1) each rank passes its local z
+    (K, b, D); zbar is all-gathered *with gradient*, so the entropy and rank terms are those of
+    the global batch N·b and, after DDP's gradient averaging, the gradient equals the
+    single-process one on the full batch (the derivation: docs/LOSS.md). ``tv`` stays local.
     The non-distributed path makes no distributed calls, so ``torch.compile(fullgraph=True)``
     traces it as one graph.
     """
