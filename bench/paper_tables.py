@@ -6,9 +6,11 @@
 
 Tables: 1 (CIFAR-10 ResNet-18 K=10, linear), 2 (Mini-ImageNet ResNet-50, linear), 3 (Mini-ImageNet
 ResNet-18, 40-shot fine-tune), 4 (hyperparameter ablations, 12 rows) and 5 (rank-term variants,
-5 rows). Each row is a config in ``configs/``; the paper's top-1 is the number on the first line
-of that YAML. For each row, one after another: pretraining (``train/pretrain.py -C <yaml>``, or
-``torchrun --standalone --nproc_per_node=N ...`` when ``--tables.nproc`` > 1), then the linear
+5 rows). Each row is a config in ``configs/``; an ablation is an overlay in ``configs/ablations/``
+read after its base (``-C configs/cifar10_r18_k4.yaml -C configs/ablations/<row>.yaml``). The paper's
+top-1 is the ``tables.paper_top1`` of the row's own YAML. For each row, one after another:
+pretraining (``train/pretrain.py -C <yaml>...``, or ``torchrun --standalone --nproc_per_node=N ...``
+when ``--tables.nproc`` > 1), then the linear
 evaluation (``eval/linear.py``, SimSiam's protocol) or, for Table 3, ``eval/finetune.py`` on
 ``data/miniimagenet_train_40shot.beton``. The results land in ``--tables.out`` (markdown: paper
 against measured top-1). Resumable: a row whose results JSON exists is not run again, a
@@ -25,7 +27,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -43,7 +44,6 @@ TABLE_NAMES = ("1", "2", "3", "4", "5")
 MISSING = "—"
 BASE = "configs/cifar10_r18_k4.yaml"
 K10 = "configs/cifar10_r18_k10.yaml"
-ABLATION = "configs/ablations/{}.yaml"
 SHOTS_BETON = "data/miniimagenet_train_40shot.beton"
 BETON_HINTS = {  # how to write a missing beton, by the start of its file name
     "cifar10_": "python data_prep/write_beton.py",
@@ -56,34 +56,49 @@ class Row:
     """One row of a paper table: a config in ``configs/`` and how its encoder is evaluated."""
     table: str  # "1" .. "5"
     setting: str  # what the row changes, as the paper's table shows it
-    config: str  # YAML path relative to the repository root
+    config: str  # YAML path relative to the repository root; holds the row's ``tables.paper_top1``
     protocol: str = "linear"  # "linear" (eval/linear.py) or "finetune" (eval/finetune.py)
     eval_args: tuple[str, ...] = ()  # extra flags of the evaluation command
+    base: str | None = None  # the config that ``config`` overlays (read first), if any
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        return (self.config,) if self.base is None else (self.base, self.config)
+
+    def config_args(self, root: Path | None = None) -> list[str]:
+        """``-C`` for each config, base first; paths under ``root`` when given."""
+        return [arg for path in self.configs for arg in ("-C", str(root / path) if root else path)]
 
 
-# The paper's row order; the paper's numbers are read from each YAML's first line.
+
+
+def _ablation(table: str, setting: str, name: str) -> Row:
+    return Row(table, setting, f"configs/ablations/{name}.yaml", base=BASE)
+
+
+# The paper's row order; the paper's numbers are each YAML's ``tables.paper_top1``.
 ROWS = (
     Row("1", "ResNet-18, K=10, linear", K10),
     Row("2", "ResNet-50, linear", "configs/miniimagenet_r50.yaml"),
     Row("3", "ResNet-18, 40-shot fine-tune", "configs/miniimagenet_r18.yaml", "finetune",
         (f"--data.train_beton={SHOTS_BETON}",)),
     Row("4", "base: alpha_h=0.1, alpha_r=2e-4, K=4, B=512", BASE),
-    Row("4", "alpha_h=0", ABLATION.format("table4_alpha_h_0")),
-    Row("4", "alpha_h=1", ABLATION.format("table4_alpha_h_1")),
-    Row("4", "alpha_h=10", ABLATION.format("table4_alpha_h_10")),
-    Row("4", "alpha_r=0", ABLATION.format("table4_alpha_r_0")),
-    Row("4", "alpha_r=2e-5", ABLATION.format("table4_alpha_r_2e-5")),
-    Row("4", "alpha_r=2e-2", ABLATION.format("table4_alpha_r_2e-2")),
+    _ablation("4", "alpha_h=0", "table4_alpha_h_0"),
+    _ablation("4", "alpha_h=1", "table4_alpha_h_1"),
+    _ablation("4", "alpha_h=10", "table4_alpha_h_10"),
+    _ablation("4", "alpha_r=0", "table4_alpha_r_0"),
+    _ablation("4", "alpha_r=2e-5", "table4_alpha_r_2e-5"),
+    _ablation("4", "alpha_r=2e-2", "table4_alpha_r_2e-2"),
     Row("4", "K=10", K10),
-    Row("4", "K=3", ABLATION.format("table4_k_3")),
-    Row("4", "B=64", ABLATION.format("table4_b_64")),
-    Row("4", "B=128", ABLATION.format("table4_b_128")),
-    Row("4", "alpha_h=0, alpha_r=0 (collapse)", ABLATION.format("table4_alpha_h_0_alpha_r_0")),
+    _ablation("4", "K=3", "table4_k_3"),
+    _ablation("4", "B=64", "table4_b_64"),
+    _ablation("4", "B=128", "table4_b_128"),
+    _ablation("4", "alpha_h=0, alpha_r=0 (collapse)", "table4_alpha_h_0_alpha_r_0"),
     Row("5", "R2 nuclear, alpha_r=2e-4 (base)", BASE),
-    Row("5", "R1 tlsm, alpha_r=2e-3", ABLATION.format("table5_tlsm")),
-    Row("5", "R3 nuclear/spectral, alpha_r=2e-3", ABLATION.format("table5_nuclear_spectral")),
-    Row("5", "R4 nuclear/Frobenius, alpha_r=2e-3", ABLATION.format("table5_nuclear_frobenius")),
-    Row("5", "R2 nuclear + bias column", ABLATION.format("table5_nuclear_bias")),
+    _ablation("5", "R1 tlsm, alpha_r=2e-3", "table5_tlsm"),
+    _ablation("5", "R3 nuclear/spectral, alpha_r=2e-3", "table5_nuclear_spectral"),
+    _ablation("5", "R4 nuclear/Frobenius, alpha_r=2e-3", "table5_nuclear_frobenius"),
+    _ablation("5", "R2 nuclear + bias column", "table5_nuclear_bias"),
 )
 
 
@@ -102,7 +117,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"table": self.row.table, "setting": self.row.setting, "config": self.row.config,
-                "protocol": self.row.protocol, "paper_top1": self.paper_top1, "measured_top1": self.measured_top1,
+                "configs": list(self.row.configs), "protocol": self.row.protocol, "paper_top1": self.paper_top1, "measured_top1": self.measured_top1,
                 "difference": None if self.measured_top1 is None else self.measured_top1 - self.paper_top1,
                 "status": self.status, "run_dir": self.run_dir, "results": self.results,
                 "commands": [shlex.join(command) for command in self.commands]}
@@ -117,16 +132,16 @@ def select_rows(table: str) -> list[Row]:
 
 
 def paper_top1(config: Path) -> float:
-    """The paper's top-1 (%) from the config's first line, e.g. ``# ... paper: 82.50 % linear.``"""
-    first = config.read_text().splitlines()[0] if config.is_file() else ""
-    found = re.search(r"(\d+\.\d+)\s*%", first) if first.startswith("#") else None
-    if found is None:
-        raise ConfigError(f"{config}: the first line must be a comment with the paper's top-1 (e.g. '92.44 %')")
-    return float(found.group(1))
+    """The paper's top-1 (%): ``tables.paper_top1`` of ``config`` itself (an overlay does not inherit its base's)."""
+    given: set[str] = set()
+    value = parse_config(["-C", str(config)], "", SECTIONS, explicit=given)["tables"]["paper_top1"]
+    if "tables.paper_top1" not in given or not 0 < value <= 100:
+        raise ConfigError(f"{config}: needs the paper's top-1 in percent, e.g. 'tables: {{paper_top1: 92.44}}'")
+    return value
 
 
 def resolve(row: Row, nproc: int = 1) -> Plan:
-    """Resolves ``row``'s config as ``train/pretrain.py --run.dry_run=1`` does (in process, quietly).
+    """Resolves ``row``'s configs as ``train/pretrain.py --run.dry_run=1`` does (in process, quietly).
 
     Raises :class:`ConfigError` when the config is missing or invalid, or the batch does not split
     over ``nproc`` processes.
@@ -134,20 +149,20 @@ def resolve(row: Row, nproc: int = 1) -> Plan:
     from eval.common import EVAL_SECTIONS
     from train.pretrain import main as pretrain_main
 
-    path = REPO / row.config
-    paper = paper_top1(path)
+    paper = paper_top1(REPO / row.config)
+    config_args = row.config_args(REPO)
     with contextlib.redirect_stdout(io.StringIO()):
-        config = pretrain_main(["-C", str(path), "--run.dry_run=1"])
+        config = pretrain_main([*config_args, "--run.dry_run=1"])
     batch = config["cfg"]["batch_size"]
     if batch % nproc or batch // nproc < 2:
         raise ConfigError(f"{row.config}: cfg.batch_size={batch} does not split into >= 2 images on each of {nproc} GPUs")
     run_dir = config["run"]["dir"]
     results = f"{run_dir}/eval_{'finetune' if row.protocol == 'finetune' else 'linear_augment'}.json"
     launcher = ["python"] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
-    pretrain = [*launcher, "train/pretrain.py", "-C", row.config]
+    pretrain = [*launcher, "train/pretrain.py", *row.config_args()]
     eval_flags = [f"--eval.checkpoint={run_dir}/checkpoints/last.pt", *row.eval_args, f"--eval.out={results}"]
-    evaluate = ["python", f"eval/{row.protocol}.py", "-C", row.config, *eval_flags]
-    eval_config = parse_config(["-C", str(path), *eval_flags], "", (*EVAL_SECTIONS, row.protocol))  # resolves too
+    evaluate = ["python", f"eval/{row.protocol}.py", *row.config_args(), *eval_flags]
+    eval_config = parse_config([*config_args, *eval_flags], "", (*EVAL_SECTIONS, row.protocol))  # resolves too
     inputs = [config["data"]["train_beton"], config["data"]["test_beton"], eval_config["data"]["train_beton"]]
     return Plan(row, paper, run_dir, config["cfg"]["epochs"], results, [pretrain, evaluate], list(dict.fromkeys(inputs)))
 
@@ -238,7 +253,7 @@ def missing_inputs(plan: Plan) -> list[str]:
 
 
 def describe(plan: Plan, shared_with: str | None) -> str:
-    lines = [f"Table {plan.row.table} | {plan.row.setting} | {plan.row.config} | paper {plan.paper_top1:.2f} %"
+    lines = [f"Table {plan.row.table} | {plan.row.setting} | {' + '.join(plan.row.configs)} | paper {plan.paper_top1:.2f} %"
              f" | {plan.status}"]
     if shared_with:
         lines.append(f"  same run as {shared_with}")
@@ -261,10 +276,10 @@ def run_plans(plans: list[Plan], out: Path) -> None:
 
     Rows that share a config share its run: it is pretrained and evaluated once.
     """
-    first_of: dict[str, Plan] = {}
+    first_of: dict[tuple[str, ...], Plan] = {}
     try:
         for plan in plans:
-            earlier = first_of.setdefault(plan.row.config, plan)
+            earlier = first_of.setdefault(plan.row.configs, plan)
             if earlier is not plan:
                 plan.measured_top1, plan.status = earlier.measured_top1, earlier.status
             elif plan.measured_top1 is not None:
@@ -279,10 +294,11 @@ def run_plans(plans: list[Plan], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses ``argv``; lists (dry run) or runs the selected tables' rows; writes and returns the results."""
-    options = parse_config(argv, __doc__, SECTIONS)["tables"]
+    given: set[str] = set()
+    options = parse_config(argv, __doc__, SECTIONS, explicit=given)["tables"]
+    if "tables.paper_top1" in given:
+        raise ConfigError("tables.paper_top1 belongs in a row's config (configs/*.yaml), not to bench/paper_tables.py")
     rows = select_rows(options["table"])
-    if options["nproc"] < 1:
-        raise ConfigError(f"--tables.nproc={options['nproc']} is invalid: expected >= 1 (GPUs per row)")
     out = Path(options["out"])
     if not out.name or out.is_dir():
         raise ConfigError(f"--tables.out={options['out']!r} must name a markdown file")
@@ -294,9 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     missing = sorted({path for plan in plans if plan.measured_top1 is None for path in missing_inputs(plan)})
 
     if dry_run:
-        first_of: dict[str, Plan] = {}
+        first_of: dict[tuple[str, ...], Plan] = {}
         for plan in plans:
-            earlier = first_of.setdefault(plan.row.config, plan)
+            earlier = first_of.setdefault(plan.row.configs, plan)
             print(describe(plan, None if earlier is plan else f"Table {earlier.row.table} ({earlier.row.setting})"))
         if missing:
             print(f"missing betons (write them before a real run):\n{describe_missing(missing)}")

@@ -231,6 +231,8 @@ def _declare(config: Config) -> None:
         dry_run=Param(Flag(), "list the rows and their commands, run nothing (0/1)", default=0),
         nproc=Param(Int(1), "GPUs per row: >1 runs each pretraining under torchrun", default=1),
         out=Param(Text(), "markdown table of measured against paper numbers", default="runs/tables/results.md"),
+        paper_top1=Param(Float(0), "the paper's top-1 (%) of the row a config reproduces: set in that YAML, "
+                         "not as a flag (0 = none)", default=0.0),
     )
     Section("knn", "Weighted kNN evaluation", config_descriptor=config).params(
         k=Param(Int(1), "neighbours", default=200),

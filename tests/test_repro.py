@@ -1,6 +1,8 @@
 """Reproduction kit: the Docker GPU image (linted, one source of truth) and the paper-table runner."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -8,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench import paper_tables
 from bench.paper_tables import Row, main as tables_main
 from core.config import ConfigError, UserError
+from train.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
@@ -68,13 +72,17 @@ def test_dry_run_lists_every_row_of_tables_1_to_5_and_every_config_resolves(tmp_
     printed = capsys.readouterr().out
     assert f"{len(rows)} row(s)" in printed and "every config resolves" in printed
     for row in rows:
-        assert (REPO / row["config"]).is_file()
+        assert row["configs"][-1] == row["config"] and all((REPO / path).is_file() for path in row["configs"])
+        configs = " ".join(f"-C {path}" for path in row["configs"])
         pretrain, evaluate = row["commands"]
-        assert pretrain == f"python train/pretrain.py -C {row['config']}"
+        assert pretrain == f"python train/pretrain.py {configs}"
         protocol = "finetune" if row["table"] == "3" else "linear"
-        assert evaluate.startswith(f"python eval/{protocol}.py -C {row['config']} "
+        assert evaluate.startswith(f"python eval/{protocol}.py {configs} "
                                    f"--eval.checkpoint={row['run_dir']}/checkpoints/last.pt")
         assert pretrain in printed and evaluate in printed
+    overlay = next(row for row in rows if row["config"] == "configs/ablations/table4_k_3.yaml")
+    assert overlay["configs"] == ["configs/cifar10_r18_k4.yaml", "configs/ablations/table4_k_3.yaml"]
+    assert overlay["run_dir"] == "runs/table4_k_3"
     assert "--data.train_beton=data/miniimagenet_train_40shot.beton" in rows[2]["commands"][1]
     paper = {(row["table"], row["config"]): row["paper_top1"] for row in rows}
     assert paper[("1", "configs/cifar10_r18_k10.yaml")] == paper[("4", "configs/cifar10_r18_k10.yaml")] == 92.61
@@ -93,6 +101,38 @@ def test_every_ablation_config_is_a_row():
         assert str(path.relative_to(REPO)) in listed, f"{path.name} is in no table of bench/paper_tables.py"
 
 
+def _flat(path: Path) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in yaml.safe_load(path.read_text()).items()
+            for key, value in values.items()}
+
+
+@pytest.mark.parametrize("row", [row for row in paper_tables.ROWS if row.base], ids=lambda row: Path(row.config).stem)
+def test_an_ablation_overlay_holds_only_what_differs_from_its_base(row):
+    base, overlay = _flat(REPO / row.base), _flat(REPO / row.config)
+    assert {"run.dir", "tables.paper_top1"} <= overlay.keys()
+    changed = {key for key in overlay if key not in ("run.dir", "tables.paper_top1")}
+    assert changed and all(key in base and base[key] != overlay[key] for key in changed), (changed, base)
+    assert overlay["run.dir"] == f"runs/{Path(row.config).stem}"
+    # alone (no base on the command line) it falls back on the defaults, which are the base run's values
+    with contextlib.redirect_stdout(io.StringIO()):
+        after_base = pretrain_main([*row.config_args(REPO), "--run.dry_run=1"])
+        alone = pretrain_main(["-C", str(REPO / row.config), "--run.dry_run=1"])
+    assert alone == after_base
+    assert {key: after_base[key.split(".")[0]][key.split(".")[1]] for key in changed} == {k: overlay[k] for k in changed}
+
+
+def test_the_paper_number_is_the_rows_own_and_not_a_flag(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("cfg:\n  K: 3\n")  # its base has a paper_top1: an overlay must still give its own
+    with pytest.raises(ConfigError, match=r"overlay\.yaml: needs the paper's top-1 in percent"):
+        paper_tables.resolve(Row("4", "K=3", str(overlay), base=paper_tables.BASE))
+    overlay.write_text("cfg:\n  K: 3\ntables:\n  paper_top1: 250\n")
+    with pytest.raises(ConfigError, match="needs the paper's top-1 in percent"):
+        paper_tables.paper_top1(overlay)
+    with pytest.raises(ConfigError, match="tables.paper_top1 belongs in a row's config"):
+        tables_main(["--tables.paper_top1=90", "--tables.dry_run=1", f"--tables.out={tmp_path / 't.md'}"])
+
+
 def test_dry_run_of_one_table_with_torchrun(tmp_path):
     summary = tables_main(["--tables.dry_run=1", "--tables.table=5", "--tables.nproc=8", f"--tables.out={tmp_path / 't.md'}"])
     assert len(summary["rows"]) == 5
@@ -102,7 +142,7 @@ def test_dry_run_of_one_table_with_torchrun(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--tables.table=7"], r"--tables.table='7' is invalid: expected one of 1, 2, 3, 4, 5 or all"),
-    (["--tables.nproc=0"], r"--tables.nproc=0 is invalid"),
+    (["--tables.nproc=0"], r"--tables.nproc='0' is invalid: expected an integer >= 1"),
     (["--tables.nproc=3", "--tables.table=1"], r"batch_size=512 does not split .* 3 GPUs"),
 ])
 def test_bad_options_are_config_errors(flags, message, tmp_path):
@@ -126,9 +166,8 @@ def fake_table(tmp_path, monkeypatch):
         (tmp_path / name).touch()
     run_dir = tmp_path / "run"
     config = tmp_path / "row.yaml"
-    config.write_text(f"# a test row; paper: 50.00 % linear.\ndata:\n  train_beton: {tmp_path / 'train.beton'}\n"
-                      f"  test_beton: {tmp_path / 'test.beton'}\ncfg:\n  epochs: 3\n  batch_size: 64\n"
-                      f"run:\n  dir: {run_dir}\n")
+    config.write_text(f"data:\n  train_beton: {tmp_path / 'train.beton'}\n  test_beton: {tmp_path / 'test.beton'}\n"
+                      f"cfg:\n  epochs: 3\n  batch_size: 64\nrun:\n  dir: {run_dir}\ntables:\n  paper_top1: 50.0\n")
     monkeypatch.setattr(paper_tables, "ROWS", (Row("1", "first", str(config)), Row("4", "again", str(config))))
     calls: list[list[str]] = []
     behaviour = {"pretrain_exit": 0, "epochs_done": 3, "top1": 0.5123}
