@@ -2,7 +2,7 @@
 
     python bench/throughput.py --bench.device=cpu      # a few minutes on 2 CPU cores
     python bench/throughput.py --bench.device=cuda     # the same on a GPU, plus device-resident batches
-    python bench/throughput.py --bench.quick=1         # tiny sizes: a smoke test of this script
+    python bench/throughput.py --bench.quick=1         # tiny sizes (QUICK below): a smoke test of this script
 
 All stages run in one process, on the same synthetic data and machine (``--bench.stages`` picks them):
 
@@ -16,19 +16,20 @@ All stages run in one process, on the same synthetic data and machine (``--bench
 - model: forward + backward + Adam of the encoder on K·B random views: eager / compiled, channels-last
   / NCHW, and (GPU only) bf16 AMP / fp32. A stand-in loss (mean of z²) isolates the encoder.
 - end_to_end: real pretraining steps (``train.trainer.pretrain`` on the beton; the last epoch's
-  images/s) and the 800-epoch CIFAR-10 time they imply. On a GPU with ``bench.device_batches=1``, or
-  where ffcv is missing, also steps fed with uint8 batches already on the device (no loader).
+  images/s) and the 800-epoch CIFAR-10 time they imply. On a GPU with ``bench.device_batches=1``, also
+  :func:`train.trainer.build_training`'s step fed with uint8 batches already on the device (no loader).
 
 On a CPU the model and end-to-end stages use a reduced batch (``bench.model_batch``, 32): one step
-of ResNet-18 with the CIFAR stem at B=512, K=4 takes about a minute on 2 cores. Figures are medians of ``bench.iters`` timed
-iterations after a warm-up; every figure goes to ``bench.out`` (JSON) with ``ratios`` (ours ÷
-baseline, images/s), and a table is printed. Speed claims live here, never in timed tests.
+of ResNet-18 with the CIFAR stem at B=512, K=4 takes about a minute on 2 cores. ``--bench.quick=1``
+takes the sizes of :data:`QUICK` (for the ``bench`` flags not given) and :data:`QUICK_SIZES`: every
+code path once, in seconds. Figures are medians of ``bench.iters`` timed iterations after a warm-up;
+every figure goes to ``bench.out`` (JSON) with ``ratios`` (ours ÷ baseline, images/s), and a table
+is printed. Speed claims live here, never in timed tests.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import io
 import json
 import os
@@ -44,20 +45,28 @@ from typing import Callable, Iterable
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import numpy as np  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.transforms import ToTensor, v2  # noqa: E402
 
 from augment import CIFAR10_MEAN, CIFAR10_STD, build_augmentation  # noqa: E402
-from data_prep.sources import ArraySource, load_synthetic  # noqa: E402
 from core.config import ConfigError, parse_config, run_cli  # noqa: E402
+from data_prep.loader import BetonLoader  # noqa: E402
+from data_prep.sources import ArraySource, load_synthetic  # noqa: E402
+from data_prep.writer import write_betons  # noqa: E402
 from train.loss import rank_loss, simmer_loss  # noqa: E402
-from train.model import build_encoder  # noqa: E402
+from train.trainer import build_training, pretrain  # noqa: E402
 
 STAGES = ("loader", "augment", "loss", "model", "end_to_end")
 IMAGE_SIZE = 32
 PROJ_DIM = 2048  # D of the paper's runs
 CIFAR10_TRAIN = 50_000
 PAPER_EPOCHS = 800
+# --bench.quick=1: these bench flags, unless given, and these Settings (no flags of their own).
+QUICK = {"batch_size": 32, "K": 2, "arch": "test_resnet", "images": 256, "iters": 2, "workers": 1, "model_batch": 8}
+QUICK_SIZES = {"proj_dim": 64, "also_K": 3, "compile_model": False, "e2e_steps": 2, "e2e_epochs": 2,
+               "min_window_s": 0.2}
 
 
 @dataclass(frozen=True)
@@ -77,27 +86,34 @@ class Settings:
     quick: bool
     model_batch: int
     proj_dim: int = PROJ_DIM
-    loss_Ks: tuple[int, ...] = (4, 10)
+    also_K: int = 10  # the loss is timed at K and at this K
     compile_model: bool = True
     e2e_steps: int = 0  # steps per epoch of the end-to-end run (0 = the whole beton)
     e2e_epochs: int = 2  # the last one is timed
+    min_window_s: float = 1.0  # the loaders are timed over whole epochs lasting at least this long
+
+    @property
+    def loss_Ks(self) -> tuple[int, ...]:
+        return tuple(sorted({self.K, self.also_K}))
 
 
-def resolve(bench: dict) -> Settings:
-    """The ``bench`` config section -> :class:`Settings`; raises :class:`ConfigError` before any work."""
+def resolve(bench: dict, given: set[str] = frozenset()) -> Settings:
+    """The ``bench`` config section -> :class:`Settings`; raises :class:`ConfigError` before any work.
+
+    ``given``: the names (``bench.K``) set by a flag or a file, which :data:`QUICK` leaves alone.
+    """
+    if bench["quick"]:
+        bench = {**bench, **{key: value for key, value in QUICK.items() if f"bench.{key}" not in given}}
     stages = tuple(s.strip() for s in bench["stages"].split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise ConfigError(f"--bench.stages: unknown stage(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                           f"choose from {','.join(STAGES)}")
     problems = []
-    if bench["K"] < 2 or bench["batch_size"] < 2:
-        problems.append("--bench.K and --bench.batch_size must be >= 2")
-    if bench["iters"] < 1 or bench["workers"] < 1 or bench["model_batch"] < 0:
-        problems.append("--bench.iters and --bench.workers must be >= 1, --bench.model_batch >= 0")
+    if bench["workers"] < 1:
+        problems.append("--bench.workers must be >= 1 (the DataLoader baselines run in worker processes)")
     if bench["device"] == "cuda" and not torch.cuda.is_available():
         problems.append("--bench.device=cuda but no CUDA device is available")
-    import timm
     if not timm.is_model(bench["arch"]):
         problems.append(f"--bench.arch={bench['arch']!r} is not a timm model")
     if problems:
@@ -109,10 +125,9 @@ def resolve(bench: dict) -> Settings:
         device_batches=bool(bench["device_batches"]), quick=bool(bench["quick"]),
         out=Path(bench["out"] or f"runs/bench/throughput_{bench['device']}.json"),
         model_batch=bench["model_batch"] or (32 if cpu else bench["batch_size"]),
-        loss_Ks=tuple(sorted({bench["K"], 10})), e2e_steps=3 if cpu else 0, e2e_epochs=2 if cpu else 3)
-    if settings.quick:  # tiny sizes: every code path once, in seconds
-        settings = replace(settings, batch_size=32, K=2, arch="test_resnet", images=256, iters=2, workers=1,
-                           model_batch=8, proj_dim=64, loss_Ks=(2, 3), compile_model=False, e2e_steps=2, e2e_epochs=2)
+        e2e_steps=3 if cpu else 0, e2e_epochs=2 if cpu else 3)
+    if settings.quick:
+        settings = replace(settings, **QUICK_SIZES)
     if settings.images < 2 * max(settings.batch_size, settings.model_batch * max(1, settings.e2e_steps)):
         raise ConfigError(f"--bench.images={settings.images} is too few for two batches of {settings.batch_size}")
     return settings
@@ -154,17 +169,11 @@ def _ratio(ours: dict, baseline: dict) -> float:
     return ours["images_per_s"] / baseline["images_per_s"]
 
 
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 # ---------------------------------------------------------------------------------------------- baselines
 class _InMemoryImages(torch.utils.data.Dataset):
     """The baseline's dataset: PIL images held in memory, a torchvision transform per sample."""
 
     def __init__(self, source: ArraySource, transform: Callable):
-        from PIL import Image
-
         self.images = [Image.fromarray(image) for image in source.images]
         self.labels = source.labels
         self.transform = transform
@@ -188,8 +197,6 @@ class _KTimes:
 
 def _simsiam_v2(size: int) -> Callable:
     """torchvision v2 version of the ``cifar`` recipe of :mod:`augment.views` (the baseline)."""
-    from torchvision.transforms import v2
-
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2),
@@ -227,41 +234,29 @@ def _time_batches(batches: Iterable, s: Settings, to_device: bool) -> tuple[int,
 
 
 def _time_epochs(loader: Iterable, s: Settings, to_device: bool) -> tuple[int, float, int]:
-    """(images, seconds, batches) over whole epochs: at least ``s.iters`` of them and 1 s (0.2 s when quick)."""
-    images = seconds = count = 0
-    epochs = 0
-    while epochs < s.iters or seconds < (0.2 if s.quick else 1.0):
+    """(images, seconds, batches) over whole epochs: at least ``s.iters`` of them and ``s.min_window_s``."""
+    images = seconds = count = epochs = 0
+    while epochs < s.iters or seconds < s.min_window_s:
         more = _time_batches(loader, s, to_device)
         images, seconds, count, epochs = images + more[0], seconds + more[1], count + more[2], epochs + 1
     return images, seconds, count
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def bench_loader(s: Settings, beton: Path | None, source: ArraySource) -> dict:
+def bench_loader(s: Settings, beton: Path, source: ArraySource) -> dict:
     """BetonLoader (uint8) against DataLoader + per-sample ToTensor, over whole epochs (see :func:`_time_epochs`)."""
-    if beton is None:
-        return {"skipped": "ffcv is not installed: no beton, no BetonLoader"}
-    from data_prep.loader import BetonLoader
-
     loader = BetonLoader(beton, s.batch_size, train=True, device=s.device, num_workers=s.workers, seed=0)
     _time_batches(loader, s, to_device=False)  # epoch 0 compiles ffcv's pipeline (numba)
     ours = _row("BetonLoader -> uint8", "ours", f"B={s.batch_size}, {s.workers} thread(s)",
                 *_time_epochs(loader, s, to_device=False))
-    result = {"rows": [ours], "notes": ["ours yields uint8 (augmentation casts on the device); ToTensor yields float"]}
     del loader
-    if not _have("torchvision"):
-        result["notes"].append("baseline skipped: torchvision is not installed")
-        return result
-    from torchvision.transforms import ToTensor
-
     loader = _data_loader(_InMemoryImages(source, ToTensor()), s)
     _time_batches(_batches(loader, 1), s, to_device=True)  # starts the workers
     baseline = _row("DataLoader + ToTensor (PIL)", "baseline", f"B={s.batch_size}, {s.workers} worker(s)",
                     *_time_epochs(loader, s, to_device=True))
     del loader
-    result["rows"].append(baseline)
-    result["ratio"] = _ratio(ours, baseline)
-    return result
+    return {"rows": [ours, baseline], "ratio": _ratio(ours, baseline),
+            "notes": ["ours yields uint8 (augmentation casts on the device); ToTensor yields float"]}
 
 
 def _device_images(source: ArraySource, count: int, device: str) -> torch.Tensor:
@@ -276,19 +271,13 @@ def bench_augment(s: Settings, source: ArraySource) -> dict:
     images = _device_images(source, s.batch_size, s.device)
     _, seconds = _median_seconds(lambda: augment(images), s.iters, s.device)
     ours = _row("Kornia K-view, batched", "ours", f"B={s.batch_size}, K={s.K}, on {s.device}", s.batch_size, seconds)
-    result = {"rows": [ours], "notes": []}
-    if not _have("torchvision"):
-        result["notes"].append("baseline skipped: torchvision is not installed")
-        return result
     loader = _data_loader(_InMemoryImages(source, _KTimes(_simsiam_v2(IMAGE_SIZE), s.K)), s)
     _time_batches(_batches(loader, 1), s, to_device=True)  # starts the workers
     timed = _time_batches(_batches(loader, s.iters), s, to_device=True)
     del loader
     baseline = _row("torchvision v2 per sample x K", "baseline", f"B={s.batch_size}, K={s.K}, {s.workers} worker(s)",
                     *timed)
-    result["rows"].append(baseline)
-    result["ratio"] = _ratio(ours, baseline)
-    return result
+    return {"rows": [ours, baseline], "ratio": _ratio(ours, baseline), "notes": []}
 
 
 def bench_loss(s: Settings) -> dict:
@@ -309,12 +298,24 @@ def bench_loss(s: Settings) -> dict:
                             compiled, cold_s=cold)
         zbar = z.detach().mean(0).requires_grad_()
         _, rank = _median_seconds(lambda: rank_loss(zbar).backward(), s.iters, s.device)
-        rank_row = _row("  of which rank term (svdvals), eager", "part", f"B={s.batch_size}, D={s.proj_dim}",
+        method = "svdvals" if s.device == "cpu" else "Newton-Schulz"  # rank_loss's svd="auto", as the trainer's
+        rank_row = _row(f"  of which rank term ({method}), eager", "part", f"B={s.batch_size}, D={s.proj_dim}",
                         s.batch_size, rank)
         result["rows"] += [eager_row, compiled_row, rank_row]
         result["ratios"][f"loss_compiled_k{K}"] = _ratio(compiled_row, eager_row)
     torch._dynamo.reset()
     return result
+
+
+def _trainer_config(s: Settings, beton: Path | None = None, run_dir: Path | None = None) -> dict:
+    """Pretraining's config (``cfg``, ``data``, ``run``) at the benchmark's sizes; compile and AMP as its defaults."""
+    args = [f"--cfg.arch={s.arch}", f"--cfg.batch_size={s.model_batch}", f"--cfg.K={s.K}", f"--cfg.proj_dim={s.proj_dim}",
+            f"--cfg.epochs={s.e2e_epochs}", f"--run.device={s.device}", f"--run.compile={-1 if s.compile_model else 0}",
+            f"--run.steps_per_epoch={s.e2e_steps}", "--run.knn_every=0", "--run.progress=0", "--run.log_every=1000",
+            f"--data.num_workers={s.workers}"]
+    if beton is not None:
+        args += [f"--data.train_beton={beton}", f"--data.test_beton={beton}", f"--run.dir={run_dir}"]
+    return parse_config(args, "", ("cfg", "data", "run"))
 
 
 def _model_variants(s: Settings) -> list[tuple[bool, bool, bool]]:
@@ -328,16 +329,24 @@ def _model_variants(s: Settings) -> list[tuple[bool, bool, bool]]:
 
 
 def bench_model(s: Settings) -> dict:
-    """Encoder forward + backward + Adam on K·B views, per (compiled, channels-last, AMP) variant."""
+    """Encoder forward + backward + Adam on K·B views, per (compiled, channels-last, AMP) variant.
+
+    The encoder and its Adam are pretraining's (:func:`train.trainer.build_training`, eager, fp32);
+    the step is built here, on purpose unlike the trainer's: each variant changes the layout,
+    compilation or precision, and a stand-in loss with no augmentation isolates the encoder. The
+    trainer's own step is timed by the end-to-end stage.
+    """
     B, views_per_step = s.model_batch, s.K * s.model_batch
     cuda = s.device == "cuda"
     ours = (cuda and s.compile_model, True, cuda)  # what train.trainer runs here (run.compile, run.amp = -1)
+    config = _trainer_config(s)
     rows = []
     for compiled, channels_last, amp in _model_variants(s):
         torch.manual_seed(0)
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        encoder = build_encoder(s.arch, IMAGE_SIZE, proj_dim=s.proj_dim).to(s.device, memory_format=layout)
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+        parts = build_training(config["cfg"], {**config["run"], "compile": 0, "amp": 0}, torch.device(s.device),
+                               IMAGE_SIZE)
+        encoder, optimizer = parts.encoder.to(memory_format=layout), parts.optimizer
         views = torch.randn(views_per_step, 3, IMAGE_SIZE, IMAGE_SIZE, device=s.device).contiguous(memory_format=layout)
 
         def project(x: torch.Tensor, encoder=encoder) -> torch.Tensor:  # forward() minus its channels-last cast
@@ -372,7 +381,7 @@ def bench_model(s: Settings) -> dict:
     ratios["model_best"] = max(r["images_per_s"] for r in rows) / base["images_per_s"]
     notes = [f"a stand-in loss (mean z²) isolates the encoder; D={s.proj_dim}; ours = what train.trainer runs "
              "on this device (compile and AMP on CUDA only)"]
-    if s.device == "cpu" and not s.quick:
+    if s.device == "cpu" and B < s.batch_size:
         notes.append(f"CPU: reduced batch B={B} (one step at the paper's B=512 takes about a minute on 2 cores); "
                      "AMP only on a GPU")
     return {"rows": rows, "ratios": ratios, "notes": notes}
@@ -380,83 +389,56 @@ def bench_model(s: Settings) -> dict:
 
 def _pretrain_rate(s: Settings, beton: Path, run_dir: Path) -> float:
     """images/s of the last epoch of a short real pretraining run (:func:`train.trainer.pretrain`)."""
-    from train.trainer import pretrain
-
-    args = [f"--data.train_beton={beton}", f"--data.test_beton={beton}", f"--data.num_workers={s.workers}",
-            f"--cfg.arch={s.arch}", f"--cfg.batch_size={s.model_batch}", f"--cfg.K={s.K}",
-            f"--cfg.proj_dim={s.proj_dim}", f"--cfg.epochs={s.e2e_epochs}", f"--run.dir={run_dir}",
-            f"--run.device={s.device}", "--run.knn_every=0", "--run.progress=0", "--run.log_every=1000",
-            f"--run.steps_per_epoch={s.e2e_steps}"]
-    config = parse_config(args, "", ("cfg", "data", "run"))
     with contextlib.redirect_stdout(io.StringIO()):
-        pretrain(config)
+        pretrain(_trainer_config(s, beton, run_dir))
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     return float(log[-1]["images_per_s"])  # the last epoch: warm (the first one includes any compile)
 
 
 def _device_batch_rate(s: Settings, source: ArraySource) -> tuple[float, float]:
-    """(median seconds, cold seconds) of a training step fed with a uint8 batch already on the device.
+    """(median seconds, cold seconds) of pretraining's step fed with a uint8 batch already on the device.
 
-    The step of :func:`train.trainer.make_train_step` with pretraining's settings (compile and
-    AMP on CUDA), without the loader.
+    The step :func:`train.trainer.build_training` builds (without the online probe, which needs
+    labels), with no loader.
     """
-    from core.config import parse_config
-    from train.trainer import build_training
-
-    config = parse_config([f"--cfg.arch={s.arch}", f"--cfg.K={s.K}", f"--cfg.proj_dim={s.proj_dim}",
-                           f"--cfg.batch_size={s.model_batch}", f"--run.compile={int(s.compile_model)}"], "", ("cfg", "run"))
-    device = torch.device(s.device)
-    if device.type != "cuda":
-        config["run"]["compile"] = 0  # as pretraining's default (compile on CUDA only)
+    config = _trainer_config(s)
     torch.manual_seed(0)
-    parts = build_training(config["cfg"], config["run"], device, IMAGE_SIZE)
+    step = build_training(config["cfg"], config["run"], torch.device(s.device), IMAGE_SIZE).step
     images = _device_images(source, s.model_batch, s.device)
-    train_step = parts.step
-    compile_enabled = device.type == "cuda" and s.compile_model
-
-    def step() -> None:
-        train_step(images)
-
-    cold, seconds = _median_seconds(step, s.iters, s.device, warmup=2 if compile_enabled else 1)
+    compiled = s.device == "cuda" and s.compile_model
+    cold, seconds = _median_seconds(lambda: step(images), s.iters, s.device, warmup=2 if compiled else 1)
     torch._dynamo.reset()
     return seconds, cold
 
 
-def bench_end_to_end(s: Settings, beton: Path | None, source: ArraySource) -> dict:
-    """Real pretraining steps (and, on a GPU or without ffcv, device-fed steps); the 800-epoch time implied."""
-    rows, notes = [], []
+def bench_end_to_end(s: Settings, beton: Path, source: ArraySource) -> dict:
+    """Real pretraining steps (and, on a GPU, device-fed steps); the 800-epoch time they imply."""
     setting = f"{s.arch}, B={s.model_batch}, K={s.K}"
 
     def implied(rate: float) -> dict:
         return {"cifar10_800_epochs_h": PAPER_EPOCHS * CIFAR10_TRAIN / rate / 3600}
 
-    if beton is not None:
-        with tempfile.TemporaryDirectory(prefix="bench-run-") as run_dir:
-            rate = _pretrain_rate(s, beton, Path(run_dir))
-        steps = f"{s.e2e_steps} steps/epoch" if s.e2e_steps else "whole beton"
-        rows.append(_row("pretrain(): beton -> augment -> model -> loss -> Adam", "ours",
-                         f"{setting}, {steps}, epoch {s.e2e_epochs} of {s.e2e_epochs}",
-                         s.model_batch, s.model_batch / rate, **implied(rate)))
-    else:
-        notes.append("pretrain() skipped: ffcv is not installed (no beton); device-fed steps only")
-    if beton is None or (s.device == "cuda" and s.device_batches):
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as run_dir:
+        rate = _pretrain_rate(s, beton, Path(run_dir))
+    steps = f"{s.e2e_steps} steps/epoch" if s.e2e_steps else "whole beton"
+    rows = [_row("pretrain(): beton -> augment -> model -> loss -> Adam", "ours",
+                 f"{setting}, {steps}, epoch {s.e2e_epochs} of {s.e2e_epochs}", s.model_batch, s.model_batch / rate,
+                 **implied(rate))]
+    if s.device == "cuda" and s.device_batches:
         seconds, cold = _device_batch_rate(s, source)
-        rate = s.model_batch / seconds
         rows.append(_row("device-fed step: uint8 on device -> ... -> Adam", "ours", setting, s.model_batch, seconds,
-                         cold_s=cold, **implied(rate)))
-    notes.append(f"800-epoch time = {PAPER_EPOCHS} x {CIFAR10_TRAIN:,} images / images/s"
-                 + (" (at this reduced batch)" if s.device == "cpu" else ""))
+                         cold_s=cold, **implied(s.model_batch / seconds)))
+    notes = [f"800-epoch time = {PAPER_EPOCHS} x {CIFAR10_TRAIN:,} images / images/s"
+             + (" (at this reduced batch)" if s.device == "cpu" else "")]
     return {"rows": rows, "notes": notes}
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def _synthetic_beton(s: Settings, folder: Path) -> tuple[Path | None, ArraySource]:
-    """``s.images`` synthetic 32-px images, and their beton (None when ffcv is missing or no stage reads it)."""
+    """``s.images`` synthetic 32-px images, and their beton (None when no selected stage reads one)."""
     source, _ = load_synthetic(s.images, 10, size=IMAGE_SIZE, seed=0)
-    if not _have("ffcv") or not {"loader", "end_to_end"} & set(s.stages):
+    if not {"loader", "end_to_end"} & set(s.stages):
         return None, source
-    from data_prep.writer import write_betons
-
     beton = folder / "bench_train.beton"
     with contextlib.redirect_stdout(io.StringIO()):
         write_betons({beton: source}, num_workers=s.workers)
@@ -479,9 +461,6 @@ def format_table(results: dict) -> str:
     header = ("stage", "measurement", "setting", "images/s", "ms/step", "cold s")
     lines = []
     for stage, result in results["stages"].items():
-        if "skipped" in result:
-            lines.append((stage, f"skipped: {result['skipped']}", "", "", "", ""))
-            continue
         for row in result["rows"]:
             rate = row["images_per_s"]
             ms, rate = f"{row['ms']:.1f}", f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}"
@@ -505,8 +484,8 @@ def run_benchmark(s: Settings) -> dict:
     """Runs the selected stages in order; returns every figure (the JSON written by :func:`main`)."""
     started = time.perf_counter()
     results = {"device": s.device, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "hardware": _hardware(s.device), "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                              for k, v in asdict(s).items()},
+               "hardware": _hardware(s.device), "settings": {**{k: (str(v) if isinstance(v, Path) else v)
+                                                                 for k, v in asdict(s).items()}, "loss_Ks": s.loss_Ks},
                "stages": {}, "ratios": {}}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         beton, source = _synthetic_beton(s, Path(folder))
@@ -530,7 +509,8 @@ def run_benchmark(s: Settings) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, runs the benchmark, prints the table, writes the JSON; returns every figure."""
-    settings = resolve(parse_config(argv, __doc__, ["bench"])["bench"])
+    given: set[str] = set()
+    settings = resolve(parse_config(argv, __doc__, ["bench"], explicit=given)["bench"], given)
     os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")  # forking after ffcv: see the Makefile
     results = run_benchmark(settings)
     results["command"] = "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-import bench.throughput as throughput
-from bench.throughput import STAGES, main
-from core.config import ConfigError, run_cli
+from bench.throughput import QUICK, QUICK_SIZES, STAGES, _device_batch_rate, main, resolve
+from core.config import ConfigError, parse_config, run_cli
+from data_prep.sources import load_synthetic
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,8 +30,9 @@ def test_quick_run_measures_every_stage_and_writes_ratios(tmp_path):
     written = json.loads(out.read_text())
     assert written["stages"].keys() == set(STAGES) == returned["stages"].keys()
     assert written["device"] == "cpu" and written["settings"]["quick"] is True
+    assert {key: written["settings"][key] for key in QUICK} == QUICK
+    assert {key: written["settings"][key] for key in QUICK_SIZES} == QUICK_SIZES
     for stage, result in written["stages"].items():
-        assert "skipped" not in result, stage
         assert _rows(result), stage
         for row in _rows(result):
             assert _positive(row["images_per_s"]) and _positive(row["ms"]), (stage, row)
@@ -56,17 +57,24 @@ def test_selected_stages_only_and_default_out_name(tmp_path, monkeypatch):
     assert set(written["ratios"]) == {"augment"}
 
 
-def test_missing_ffcv_and_torchvision_skip_with_a_note(tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput, "_have", lambda module: False)
+def test_quick_leaves_the_flags_given_alone(tmp_path):
     out = tmp_path / "b.json"
-    main(["--bench.quick=1", "--bench.stages=loader,augment,end_to_end", f"--bench.out={out}"])
+    main(["--bench.quick=1", "--bench.stages=augment,loss", "--bench.batch_size=16", "--bench.K=3", f"--bench.out={out}"])
     written = json.loads(out.read_text())
-    assert "ffcv" in written["stages"]["loader"]["skipped"]
-    assert [row["role"] for row in _rows(written["stages"]["augment"])] == ["ours"]
-    assert any("torchvision" in note for note in written["stages"]["augment"]["notes"])
-    e2e = _rows(written["stages"]["end_to_end"])
-    assert [row["name"].split(":")[0] for row in e2e] == ["device-fed step"] and _positive(e2e[0]["images_per_s"])
-    assert "loader" not in written["ratios"] and "augment" not in written["ratios"]
+    assert written["settings"]["batch_size"] == 16 and written["settings"]["K"] == 3
+    assert written["settings"]["images"] == QUICK["images"] and written["settings"]["loss_Ks"] == [3]
+    assert [row["setting"] for row in _rows(written["stages"]["augment"])] == ["B=16, K=3, on cpu", "B=16, K=3, 1 worker(s)"]
+    assert [row["setting"] for row in _rows(written["stages"]["loss"])][:2] == ["K=3, B=16, D=64"] * 2
+    assert set(written["ratios"]) == {"augment", "loss_compiled_k3"}
+
+
+def test_device_fed_step_runs_the_trainers_step():
+    """The GPU-only end-to-end row (``bench.device_batches``), run here on the CPU at the quick sizes."""
+    given: set[str] = set()
+    settings = resolve(parse_config(["--bench.quick=1"], "", ["bench"], explicit=given)["bench"], given)
+    source, _ = load_synthetic(settings.model_batch, 10, size=32, seed=0)
+    seconds, cold = _device_batch_rate(settings, source)
+    assert _positive(seconds) and _positive(cold)
 
 
 @pytest.mark.parametrize("argv, message", [
