@@ -50,6 +50,7 @@ from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
 from eval.features import extract_features, knn_accuracy
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
+from train.cluster import requeue, slurm_job_id
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
 from train.model import build_encoder_from_cfg
 from train.probe import OnlineProbe
@@ -116,15 +117,17 @@ def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------- pieces
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+    """SIGTERM, SIGINT and SIGUSR1 (a cluster's warning signal) set a flag; the loop finishes its
+    step, checkpoints and returns."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.by_user = False  # Ctrl-C: never requeue
         self._previous = {}
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -132,6 +135,7 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.by_user = self.by_user or signum == signal.SIGINT
         print(f"\nreceived {signal.Signals(signum).name}: finishing the step and saving a checkpoint", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
@@ -635,4 +639,8 @@ def _train(state: _Run) -> dict:
                 break
             if _end_epoch(state, epoch, result):
                 break
-    return _finish(state)
+    summary = _finish(state)
+    job = slurm_job_id()
+    if stop.requested and not stop.by_user and state.is_main and job:
+        summary["requeued"] = requeue(job)
+    return summary

@@ -1,0 +1,96 @@
+"""Clusters: SLURM preemption requeues the job; a two-node torchrun (c10d rendezvous) trains."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_fixtures import tiny_args
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stand_in_scontrol(folder: Path) -> tuple[dict[str, str], Path]:
+    """A PATH whose ``scontrol`` records its arguments, and the file it records them in."""
+    record = folder / "scontrol_calls.txt"
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\n')
+    script.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NUMBA_THREADING_LAYER": "omp",
+           "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": "4242"}
+    env.pop("SLURM_ARRAY_JOB_ID", None)
+    return env, record
+
+
+def _run_until_training(args: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
+    with open(out, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=REPO, env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.time() + 200
+    while "training epochs" not in out.read_text():
+        assert process.poll() is None and time.time() < deadline, out.read_text()
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("signum, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_slurm_warning_signal_checkpoints_and_requeues_the_job(betons, tmp_path, signum, requeued):
+    env, record = _stand_in_scontrol(tmp_path)
+    args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=50")
+    out = tmp_path / "out.txt"
+    process = _run_until_training(args, env, out)
+    process.send_signal(signum)
+    assert process.wait(timeout=200) == 0, out.read_text()
+    text = out.read_text()
+    assert "stopped in epoch" in text and "checkpoint saved" in text
+    if requeued:
+        assert record.read_text() == "requeue 4242\n"
+        assert "requeued SLURM job 4242" in text
+    else:
+        assert not record.exists()  # Ctrl-C is the user's: never requeued
+    resumed = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), *args, "--run.stop_after_epochs=1"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_sbatch_templates_pass_the_warning_signal_and_requeue():
+    for name in ("pretrain_1node.sbatch", "pretrain_multinode.sbatch"):
+        text = (REPO / "slurm" / name).read_text()
+        assert subprocess.run(["bash", "-n", str(REPO / "slurm" / name)]).returncode == 0
+        assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
+        assert "trap " in text and "USR1" in text and "train/pretrain.py" in text
+    multinode = (REPO / "slurm" / "pretrain_multinode.sbatch").read_text()
+    assert "--rdzv-backend=c10d" in multinode and "--nnodes=" in multinode and "srun --overlap" in multinode
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path):
+    """Two torchrun launches (one process each) meet through a c10d rendezvous, as two nodes would."""
+    port = _free_port()
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1"}
+    args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=0")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=two-nodes", str(REPO / "train" / "pretrain.py"), *args],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["step"] == 96 // 16  # the global batch of 16 split over the two nodes
+    assert "(2 processes)" in outputs[0] + outputs[1]
