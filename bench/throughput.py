@@ -110,8 +110,6 @@ def resolve(bench: dict, given: set[str] = frozenset()) -> Settings:
         raise ConfigError(f"--bench.stages: unknown stage(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                           f"choose from {','.join(STAGES)}")
     problems = []
-    if bench["workers"] < 1:
-        problems.append("--bench.workers must be >= 1 (the DataLoader baselines run in worker processes)")
     if bench["device"] == "cuda" and not torch.cuda.is_available():
         problems.append("--bench.device=cuda but no CUDA device is available")
     if not timm.is_model(bench["arch"]):

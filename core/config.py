@@ -204,9 +204,9 @@ def _declare(config: Config) -> None:
         model_batch=Param(Int(0), "images per step in the model and end-to-end stages (0 = batch_size on cuda, 32 on cpu)", default=0),
         images=Param(Int(1), "synthetic images in the benchmark's beton", default=10000),
         iters=Param(Int(1), "timed iterations per measurement (after warm-up)", default=5),
-        workers=Param(Int(0), "loader threads / DataLoader workers (same for ours and the baseline)", default=2),
-        device_batches=Param(Flag(), "GPU: also time uint8 batches already on the device, no ffcv needed (0/1)", default=1),
-        quick=Param(Flag(), "tiny sizes, for a smoke test of the script itself (0/1)", default=0),
+        workers=Param(Int(1), "loader threads / DataLoader workers (same for ours and the baseline)", default=2),
+        device_batches=Param(Flag(), "GPU: also time pretraining's step on uint8 batches already on the device, no loader (0/1)", default=1),
+        quick=Param(Flag(), "tiny sizes (QUICK and QUICK_SIZES in bench/throughput.py; flags given keep their values), a smoke test (0/1)", default=0),
     )
     Section("gpu", "bench/gpu_check.py: the real step timed stage by stage, and the paper run it implies",
             config_descriptor=config).params(
