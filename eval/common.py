@@ -7,16 +7,19 @@ the image size and the augmentation preset) or ``random``: a randomly initialise
 from __future__ import annotations
 
 import json
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from augment import build_eval_transform, resolve_preset
 from core.config import ConfigError
 from core.io import atomic_write
-from data_prep.loader import BetonLoader, inspect_beton
+from data_prep.loader import BetonInfo, BetonLoader, inspect_beton
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.model import ENCODER_KEYS, build_encoder_from_cfg
 
@@ -32,6 +35,7 @@ class EvalSetup:
     device: torch.device
     source: str  # the checkpoint path, or "random"
     run_dir: Path | None
+    step: int = 0  # the checkpoint's optimiser step (where its evaluation goes on the run's curves)
 
     @property
     def backbone(self) -> nn.Module:
@@ -56,11 +60,11 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     """Loads the encoder that ``config['eval']['checkpoint']`` names; validates the betons."""
     evaluation, cfg, data = config["eval"], config["cfg"], config["data"]
     train_info = inspect_beton(data["train_beton"])
-    inspect_beton(data["test_beton"])
+    check_labels(train_info, inspect_beton(data["test_beton"]))
     device = resolve_device(evaluation["device"])
     source = evaluation["checkpoint"]
     if source == "random":
-        arch_cfg, state, run_dir = {key: cfg[key] for key in ENCODER_KEYS}, None, None
+        arch_cfg, state, run_dir, step = {key: cfg[key] for key in ENCODER_KEYS}, None, None, 0
         torch.manual_seed(cfg["seed"])
     else:
         checkpoint = load_checkpoint(source)
@@ -71,6 +75,7 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
             raise CheckpointError(f"{source} does not match the requested architecture: {'; '.join(mismatched)}")
         state = checkpoint["model"]
         run_dir = Path(source).resolve().parent.parent
+        step = int(checkpoint.get("step", 0))
     image_size = arch_cfg["image_size"] or (train_info.fixed_size or (0, 0))[0]
     if not image_size:
         raise ConfigError(f"{data['train_beton']} holds images of several sizes: set cfg.image_size")
@@ -86,19 +91,57 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
             first = str(error).strip().splitlines()
             raise CheckpointError(f"{source} does not fit a {arch_cfg['arch']} encoder: "
                                   f"{first[1].strip() if len(first) > 1 else first[0]}") from None
-    return EvalSetup(encoder.to(device), arch_cfg, preset, image_size, device, source, run_dir)
+    return EvalSetup(encoder.to(device), arch_cfg, preset, image_size, device, source, run_dir, step)
+
+
+def check_labels(train: BetonInfo, test: BetonInfo) -> None:
+    """Refuses a test set none of whose classes the training set has; warns when some are missing."""
+    train_classes, test_classes = set(np.unique(train.labels).tolist()), set(np.unique(test.labels).tolist())
+    missing = sorted(test_classes - train_classes)
+    if missing and len(missing) == len(test_classes):
+        raise ConfigError(f"none of the labels of {test.path} ({_labels(test_classes)}) occur in {train.path} "
+                          f"({_labels(train_classes)}): are they betons of the same dataset?")
+    if missing:
+        warnings.warn(f"{len(missing)} test class(es) of {test.path} never occur in {train.path} "
+                      f"({_labels(missing)}): their images cannot be classified correctly", stacklevel=2)
+
+
+def _labels(values) -> str:
+    values = sorted(values)
+    return ", ".join(map(str, values[:8])) + (f", ... ({len(values)} in all)" if len(values) > 8 else "")
 
 
 def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:
-    """``out`` if given; else ``<run dir>/eval_<protocol>.json`` (``runs/random_<arch>/`` for random)."""
-    if out:
-        return Path(out)
+    """``out`` if given; else ``<run dir>/eval_<protocol>.json`` (``runs/random_<arch>/`` for random).
+
+    Checked before any work: a folder, or a place where no file can be written, is refused.
+    """
     folder = setup.run_dir if setup.run_dir is not None else Path("runs") / f"random_{setup.arch_cfg['arch']}"
-    return folder / f"eval_{protocol}.json"
+    path = Path(out) if out else folder / f"eval_{protocol}.json"
+    if path.is_dir():
+        raise ConfigError(f"--eval.out={path} is a folder: name a JSON file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write the results to {path}: {error.strerror or error}") from None
+    return path
 
 
-def write_results(path: Path, results: dict) -> None:
-    """Writes the results JSON atomically and prints the headline."""
+def write_results(path: Path, results: dict, setup: EvalSetup | None = None) -> None:
+    """Writes the results JSON atomically and prints the headline.
+
+    When the evaluated checkpoint's run has TensorBoard curves, the accuracies join them
+    (``eval/<protocol>_top1``, at the checkpoint's step).
+    """
     atomic_write(path, lambda handle: handle.write(json.dumps(results, indent=2) + "\n"), binary=False)
     top5 = f", top-5 {results['top5']:.2%}" if "top5" in results else ""
     print(f"{results['protocol']} ({results['checkpoint']}): top-1 {results['top1']:.2%}{top5} -> {path}", flush=True)
+    if setup is not None and setup.run_dir is not None and (setup.run_dir / "tensorboard").is_dir():
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(setup.run_dir / "tensorboard")) as writer:
+            for key in ("top1", "top5"):
+                if key in results:
+                    writer.add_scalar(f"eval/{results['protocol']}_{key}", results[key], setup.step)

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv, __doc__, (*EVAL_SECTIONS, "finetune"), explicit)
     evaluation, tune, data = config["eval"], config["finetune"], config["data"]
     setup = prepare(config, explicit)
+    out = default_out(setup, evaluation["out"], "finetune")  # checked before the work
     torch.manual_seed(config["cfg"]["seed"])
     start = time.perf_counter()
     train_info = inspect_beton(data["train_beton"])
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                "labelled_images": train_info.num_samples, "checkpoint": setup.source, "arch": setup.arch_cfg["arch"],
                "train_beton": data["train_beton"], "test_beton": data["test_beton"],
                "seconds": time.perf_counter() - start}
-    write_results(default_out(setup, evaluation["out"], "finetune"), results)
+    write_results(out, results, setup)
     return results
 
 

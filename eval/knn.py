@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv, __doc__, (*EVAL_SECTIONS, "knn"), explicit)
     evaluation, knn, data = config["eval"], config["knn"], config["data"]
     setup = prepare(config, explicit)
+    out = default_out(setup, evaluation["out"], "knn")  # checked before the work
     start = time.perf_counter()
     loaders = [setup.eval_loader(path, evaluation["batch_size"], data["num_workers"])
                for path in (data["train_beton"], data["test_beton"])]
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"protocol": "knn", **accuracy, "k": knn["k"], "temperature": knn["temperature"],
                "checkpoint": setup.source, "arch": setup.arch_cfg["arch"], "train_beton": data["train_beton"],
                "test_beton": data["test_beton"], "seconds": time.perf_counter() - start}
-    write_results(default_out(setup, evaluation["out"], "knn"), results)
+    write_results(out, results, setup)
     return results
 
 

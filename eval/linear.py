@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
@@ -99,12 +100,27 @@ def train_with_augmentation(setup: EvalSetup, loader: BetonLoader, num_classes: 
     return head
 
 
+MIN_STEPS = 500  # SimSiam's protocol on ImageNet: 90 epochs x 312 steps; on CIFAR-10 90 x 12 = 1,080
+
+
+def warn_if_few_steps(steps: int, images: int) -> bool:
+    """Warns (and returns True) when the protocol gets too few optimiser steps to converge."""
+    if steps >= MIN_STEPS:
+        return False
+    warnings.warn(f"the linear protocol gets only {steps} optimiser steps on {images} images (the batch is clamped "
+                  f"to the training set); fewer than {MIN_STEPS} usually leaves the classifier far from converged. "
+                  "Use --linear.mode=cached with a smaller --linear.batch_size (e.g. 256) and --linear.lr=1.0, or "
+                  "more --linear.epochs", stacklevel=2)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, runs linear evaluation, writes and returns the results."""
     explicit: set[str] = set()
     config = parse_config(argv, __doc__, (*EVAL_SECTIONS, "linear"), explicit)
     evaluation, linear, data = config["eval"], config["linear"], config["data"]
     setup = prepare(config, explicit)
+    out = default_out(setup, evaluation["out"], f"linear_{linear['mode']}")  # checked before the work
     show = bool(evaluation["progress"])
     start = time.perf_counter()
     test_loader = setup.eval_loader(data["test_beton"], evaluation["batch_size"], data["num_workers"])
@@ -114,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = max(train_info.num_classes, int(test_labels.max()) + 1)
     batch_size = min(linear["batch_size"], train_info.num_samples)
     lr = linear["lr"] * batch_size / 256
+    warn_if_few_steps(linear["epochs"] * (-(-train_info.num_samples // batch_size) if linear["mode"] == "cached"
+                                          else train_info.num_samples // batch_size), train_info.num_samples)
     if linear["mode"] == "cached":
         bank_loader = setup.eval_loader(data["train_beton"], evaluation["batch_size"], data["num_workers"])
         features, labels = extract_features(setup.backbone, bank_loader, transform, progress=show, desc="train features")
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                "optimizer": "LARS", "checkpoint": setup.source, "arch": setup.arch_cfg["arch"],
                "train_beton": data["train_beton"], "test_beton": data["test_beton"],
                "seconds": time.perf_counter() - start}
-    write_results(default_out(setup, evaluation["out"], f"linear_{linear['mode']}"), results)
+    write_results(out, results, setup)
     return results
 
 

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import torch  # noqa: E402
 
 from core.config import UserError, run_cli  # noqa: E402
+from core.io import read_jsonl  # noqa: E402
 
 
 def _pyplot():
@@ -33,10 +34,11 @@ def _pyplot():
     return plt
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
+    """The run's log lines (a torn last line is ignored with a warning); refuses a missing or empty log."""
     if not path.is_file():
         raise UserError(f"{path} not found: is {path.parent} a pretraining run directory?")
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = read_jsonl(path)
     if not lines:
         raise UserError(f"{path} is empty: the run has not finished an epoch yet")
     return lines
@@ -131,13 +133,14 @@ def plot_health(log: list[dict], out: Path) -> None:
 def zbar_spectra(run_dir: Path, batch_size: int = 512) -> dict[str, torch.Tensor]:
     """Singular values of zbar on the first test batch: the run's encoder and a random one of its arch."""
     from augment import build_augmentation, resolve_preset
-    from data_prep.loader import BetonLoader
+    from data_prep.loader import BetonLoader, inspect_beton
     from train.checkpoint import load_checkpoint
     from train.model import build_encoder_from_cfg
 
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     config = checkpoint["config"]
     cfg = config["cfg"]
+    inspect_beton(config["data"]["test_beton"])  # a missing or bad test beton stops the report before any plot
     loader = BetonLoader(config["data"]["test_beton"], batch_size, train=False, num_workers=1,
                          image_size=cfg["image_size"] or None)
     image_size = loader.image_size
@@ -194,7 +197,10 @@ def plot_results(results: dict[str, dict], baseline: dict[str, dict], out: Path)
 def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) -> list[Path]:
     """Writes every plot the run's files allow; returns their paths."""
     run_dir = Path(run_dir)
-    log = read_jsonl(run_dir / "log.jsonl")
+    log = read_log(run_dir / "log.jsonl")
+    spectra = None  # the part that reads other files: done (or refused) before anything is drawn
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        spectra = zbar_spectra(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     baseline = read_results(Path(baseline_dir) if baseline_dir else None)
@@ -210,8 +216,8 @@ def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) ->
     if any("zbar_std" in line for line in log):
         plot_health(log, out / "health.png")
         written.append(out / "health.png")
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        plot_spectrum(zbar_spectra(run_dir), out / "spectrum.png")
+    if spectra is not None:
+        plot_spectrum(spectra, out / "spectrum.png")
         written.append(out / "spectrum.png")
     if results or baseline:
         plot_results(results, baseline, out / "results.png")
