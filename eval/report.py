@@ -7,6 +7,9 @@ Writes into ``RUN_DIR/report/``:
 * ``lr_throughput.png``: learning rate and images/s per epoch;
 * ``health.png``: zbar's per-dimension std, effective rank and nearest-neighbour distance;
 * ``spectrum.png``: zbar's singular values on a test batch, trained encoder against a random one;
+* ``views.png``: a few test images above their K augmented views;
+* ``embeddings_tsne.png``: a t-SNE map of (up to 2,000) test-set backbone features, coloured by class;
+* ``retrieval.png``: query test images and their five nearest training images in embedding space;
 * ``results.png``: the evaluation JSONs of the run (``eval_*.json``) against the baseline's.
 
 ``--baseline DIR`` is a folder of random-encoder results (e.g. ``runs/random_resnet18``).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
@@ -129,36 +133,76 @@ def plot_health(log: list[dict], out: Path) -> None:
     plt.close(figure)
 
 
-@torch.no_grad()
-def zbar_spectra(run_dir: Path, batch_size: int = 512) -> dict[str, torch.Tensor]:
-    """Singular values of zbar on the first test batch: the run's encoder and a random one of its arch."""
-    from augment import build_augmentation, resolve_preset
+@dataclass
+class Pictures:
+    """What the run's encoder shows on its data: computed (or refused) before anything is drawn."""
+
+    spectra: dict[str, torch.Tensor]  # zbar's singular values on a test batch, trained and random encoder
+    views: torch.Tensor  # (3, H, W) in [0, 1]: a few test images above their K augmented views
+    test_images: torch.Tensor  # (N, 3, h, w) uint8, the first ``max_images`` test images
+    test_features: torch.Tensor  # (N, F) backbone features of those, L2-normalised
+    test_labels: torch.Tensor  # (N,)
+    bank_images: torch.Tensor  # (M, 3, h, w) uint8, training images searched for neighbours
+    bank_features: torch.Tensor  # (M, F), L2-normalised
+    class_names: tuple[str, ...]
+
+
+def _take(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels, taken = [], [], 0
+    for batch in loader:
+        images.append(batch.images.clone())
+        labels.append(batch.labels.clone())
+        taken += len(batch.images)
+        if taken >= count:
+            break
+    return torch.cat(images)[:count], torch.cat(labels)[:count]
+
+
+def gather_pictures(run_dir: Path, max_images: int = 2000, batch_size: int = 256) -> Pictures:
+    """Loads the run's checkpoint and betons, and computes what the picture plots show."""
+    import torch.nn.functional as F
+
+    from augment import build_augmentation, build_eval_transform, resolve_preset
     from data_prep.loader import BetonLoader, inspect_beton
     from train.checkpoint import load_checkpoint
     from train.model import build_encoder_from_cfg
+    from train.tracking import views_grid
 
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     config = checkpoint["config"]
     cfg = config["cfg"]
-    inspect_beton(config["data"]["test_beton"])  # a missing or bad test beton stops the report before any plot
-    loader = BetonLoader(config["data"]["test_beton"], batch_size, train=False, num_workers=1,
-                         image_size=cfg["image_size"] or None)
-    image_size = loader.image_size
+    for path in (config["data"]["test_beton"], config["data"]["train_beton"]):
+        inspect_beton(path)  # a missing or bad beton stops the report before any plot
+    size = cfg["image_size"] or None
+    test = BetonLoader(config["data"]["test_beton"], batch_size, train=False, num_workers=1, image_size=size)
+    bank = BetonLoader(config["data"]["train_beton"], batch_size, train=False, num_workers=1, image_size=size)
+    image_size = test.image_size
     preset = resolve_preset(cfg["augment"], image_size)
     torch.manual_seed(0)
     augment = build_augmentation(preset, cfg["K"], image_size)
-    images = next(iter(loader)).images.clone()
-    views = augment(images)
-    spectra = {}
+    transform = build_eval_transform(preset)
+    test_images, test_labels = _take(test, max_images)
+    bank_images, _ = _take(bank, max_images)
+    views = augment(test_images[:batch_size])
+    encoders = {}
     for name, state in (("trained", checkpoint["model"]), ("random", None)):
         torch.manual_seed(cfg["seed"])
         encoder = build_encoder_from_cfg(cfg, image_size)
         if state is not None:
             encoder.load_state_dict(state)
-        encoder.eval()
-        zbar = encoder(views).float().mean(0)
-        spectra[name] = torch.linalg.svdvals(zbar)
-    return spectra
+        encoders[name] = encoder.eval()
+    with torch.no_grad():
+        spectra = {name: torch.linalg.svdvals(encoder(views).float().mean(0)) for name, encoder in encoders.items()}
+        trained = encoders["trained"].backbone
+
+        def features(images: torch.Tensor) -> torch.Tensor:
+            return F.normalize(torch.cat([trained(transform(chunk)).float() for chunk in images.split(batch_size)]), dim=1)
+
+        test_features, bank_features = features(test_images), features(bank_images)
+    normalize = augment.normalize
+    grid = views_grid(test_images, views, normalize.mean, normalize.std)
+    names = tuple(str(i) for i in range(int(test_labels.max()) + 1))
+    return Pictures(spectra, grid, test_images, test_features, test_labels, bank_images, bank_features, names)
 
 
 def plot_spectrum(spectra: dict[str, torch.Tensor], out: Path) -> None:
@@ -194,36 +238,89 @@ def plot_results(results: dict[str, dict], baseline: dict[str, dict], out: Path)
     plt.close(figure)
 
 
+def plot_views(grid: torch.Tensor, out: Path) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(10, 10 * grid.shape[1] / grid.shape[2] + 0.6))
+    axis.imshow(grid.permute(1, 2, 0).numpy())
+    axis.set_title("test images (top row) and their augmented views")
+    axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def plot_embedding_map(features: torch.Tensor, labels: torch.Tensor, out: Path, seed: int = 0) -> None:
+    """A 2-D t-SNE map of test-set embeddings, coloured by class."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+    points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(features.numpy())
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 6.5))
+    scatter = axis.scatter(points[:, 0], points[:, 1], c=labels.numpy(), cmap="tab10" if labels.max() < 10 else "tab20",
+                           s=6, alpha=0.8)
+    axis.legend(*scatter.legend_elements(num=min(20, int(labels.max()) + 1)), title="class", fontsize=7,
+                loc="center left", bbox_to_anchor=(1, 0.5))
+    axis.set_title(f"t-SNE of {len(features)} test-set backbone features")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def plot_retrieval(pictures: Pictures, out: Path, queries: int = 8, neighbours: int = 5) -> None:
+    """Query test images (left) and their nearest training images in embedding space (cosine)."""
+    queries = min(queries, len(pictures.test_images))
+    neighbours = min(neighbours, len(pictures.bank_images))
+    similarity = pictures.test_features[:queries] @ pictures.bank_features.T
+    top = similarity.topk(neighbours, dim=1)
+    plt = _pyplot()
+    figure, axes = plt.subplots(queries, neighbours + 1, figsize=(1.4 * (neighbours + 1), 1.4 * queries), squeeze=False)
+    for row in range(queries):
+        images = [pictures.test_images[row]] + [pictures.bank_images[i] for i in top.indices[row].tolist()]
+        titles = ["query"] + [f"{v:.2f}" for v in top.values[row].tolist()]
+        for column, (image, title) in enumerate(zip(images, titles)):
+            axes[row][column].imshow(image.permute(1, 2, 0).numpy())
+            axes[row][column].set_title(title, fontsize=7)
+            axes[row][column].axis("off")
+    figure.suptitle("nearest training images (cosine similarity of backbone features)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
 def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) -> list[Path]:
-    """Writes every plot the run's files allow; returns their paths."""
+    """Writes every plot the run's files allow; returns their paths.
+
+    Every input is read first: a missing or bad file stops the report before anything is drawn.
+    """
     run_dir = Path(run_dir)
     log = read_log(run_dir / "log.jsonl")
-    spectra = None  # the part that reads other files: done (or refused) before anything is drawn
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        spectra = zbar_spectra(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    pictures = gather_pictures(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
     baseline = read_results(Path(baseline_dir) if baseline_dir else None)
     results = read_results(run_dir)
-    written = []
-    plot_losses(log, out / "losses.png")
-    written.append(out / "losses.png")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    plots = [("losses.png", lambda path: plot_losses(log, path)),
+             ("lr_throughput.png", lambda path: plot_lr_throughput(log, path))]
     if any("knn_top1" in line for line in log):
-        plot_knn(log, out / "knn.png", baseline)
-        written.append(out / "knn.png")
-    plot_lr_throughput(log, out / "lr_throughput.png")
-    written.append(out / "lr_throughput.png")
+        plots.append(("knn.png", lambda path: plot_knn(log, path, baseline)))
     if any("zbar_std" in line for line in log):
-        plot_health(log, out / "health.png")
-        written.append(out / "health.png")
-    if spectra is not None:
-        plot_spectrum(spectra, out / "spectrum.png")
-        written.append(out / "spectrum.png")
+        plots.append(("health.png", lambda path: plot_health(log, path)))
+    if pictures is not None:
+        plots += [("spectrum.png", lambda path: plot_spectrum(pictures.spectra, path)),
+                  ("views.png", lambda path: plot_views(pictures.views, path)),
+                  ("embeddings_tsne.png", lambda path: plot_embedding_map(pictures.test_features,
+                                                                          pictures.test_labels, path)),
+                  ("retrieval.png", lambda path: plot_retrieval(pictures, path))]
     if results or baseline:
-        plot_results(results, baseline, out / "results.png")
-        written.append(out / "results.png")
-    for path in written:
-        print(f"wrote {path}")
+        plots.append(("results.png", lambda path: plot_results(results, baseline, path)))
+    written = []
+    for name, plot in plots:
+        plot(out / name)
+        written.append(out / name)
+        print(f"wrote {out / name}")
     return written
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from data_fixtures import tiny_args
 from eval.finetune import main as finetune_main
@@ -104,7 +105,30 @@ def test_report_writes_readable_pngs(run_dir, betons, tmp_path):
               *data_args(betons), *FAST])
     written = write_report(run_dir, baseline)
     names = {path.name for path in written}
-    assert {"losses.png", "knn.png", "lr_throughput.png", "health.png", "spectrum.png", "results.png"} <= names
+    assert names == {"losses.png", "knn.png", "lr_throughput.png", "health.png", "spectrum.png", "results.png",
+                     "views.png", "embeddings_tsne.png", "retrieval.png"}
     for path in written:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        with Image.open(path) as image:
+            image.verify()
+    with Image.open(run_dir / "report" / "retrieval.png") as image:  # 8 queries x (1 + 5 neighbours)
+        assert image.size[0] > 6 * 60 and image.size[1] > 8 * 60
+
+
+def test_retrieval_finds_the_images_themselves(tmp_path):
+    """With the bank holding the queries, each query's nearest neighbour is itself (similarity 1)."""
+    import torch
+
+    from eval.report import Pictures, plot_retrieval
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    features = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
+    pictures = Pictures({}, torch.zeros(3, 4, 4), images, features, torch.arange(12) % 3, images.flip(0),
+                        features.flip(0), ("a", "b", "c"))
+    similarity = pictures.test_features[:8] @ pictures.bank_features.T
+    assert similarity.argmax(1).tolist() == [11 - i for i in range(8)]
+    plot_retrieval(pictures, tmp_path / "retrieval.png")
+    with Image.open(tmp_path / "retrieval.png") as image:
+        image.verify()
