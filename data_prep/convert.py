@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data_prep.sources import (DataError, load_cifar, load_folder, load_miniimagenet, load_synthetic,
                                n_shot_indices)
-from data_prep.writer import WriteResult, describe, write_betons
+from data_prep.writer import WriteResult, check_out_dir, describe, write_betons
 
 DEFAULT_RAW_ROOT = Path("data") / "raw"
 
@@ -42,6 +42,7 @@ def convert(dataset: str, root: str | Path = "", out_dir: str | Path = "data", *
     start = time.perf_counter()
     if shots < 0:
         raise DataError(f"--data.shots must be >= 0, got {shots}")
+    check_out_dir(out_dir)  # before any loading, which can take long
     train, test = load_dataset(dataset, root, seed=seed, **source_options)
     paths = beton_paths(out_dir, dataset, shots)
     splits = {paths["train"]: train, paths["test"]: test}

@@ -75,7 +75,10 @@ def import_ffcv() -> None:
 
 
 def inspect_beton(path: str | Path) -> BetonInfo:
-    """Checks that ``path`` is a complete beton with ``image`` and ``label`` fields; describes it."""
+    """Checks that ``path`` is a complete beton with ``image`` and ``label`` fields; describes it.
+
+    The fields are found by name, in any order (other fields are ignored); labels must be >= 0.
+    """
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
@@ -109,8 +112,11 @@ def inspect_beton(path: str | Path) -> BetonInfo:
     columns = {name: reader.metadata[f"f{index}"] for index, name in enumerate(reader.field_names)}
     image_meta = columns["image"]
     sizes = sorted(set(zip(image_meta["height"].tolist(), image_meta["width"].tolist())))
-    return BetonInfo(path, int(reader.num_samples), tuple(reader.field_names), tuple(sizes),
-                     np.asarray(columns["label"], dtype=np.int64).copy())
+    labels = np.asarray(columns["label"], dtype=np.int64).copy()
+    if len(labels) and labels.min() < 0:
+        raise BetonError(f"{path} has negative labels ({int((labels < 0).sum())} of {len(labels)}, down to "
+                         f"{int(labels.min())}); labels must be class indices 0, 1, ...")
+    return BetonInfo(path, int(reader.num_samples), tuple(reader.field_names), tuple(sizes), labels)
 
 
 def _distributed() -> bool:
@@ -160,10 +166,13 @@ class BetonLoader:
         else:
             decoder = CenterCropRGBImageDecoder((self.image_size, self.image_size), ratio=1.0)
         non_blocking = self.device.type == "cuda"
-        pipelines = {
+        pipelines = {name: None for name in self.info.fields}  # fields other than these two are not read
+        pipelines.update({
             "image": [decoder, ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage()],
             "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(self.device, non_blocking=non_blocking)],
-        }
+        })
+        # ffcv yields the fields in the beton's order, whatever order the pipelines are given in
+        self._image_first = self.info.fields.index("image") < self.info.fields.index("label")
         self.batch_size = batch_size
         self._loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers if num_workers > 0 else (os.cpu_count() or 1),
@@ -192,8 +201,8 @@ class BetonLoader:
     def __iter__(self) -> Iterator[Batch]:
         iterator = iter(self._loader)
         try:
-            for images, labels in iterator:
-                yield Batch(images, labels)
+            for first, second in iterator:
+                yield Batch(first, second) if self._image_first else Batch(second, first)
         finally:  # also when the caller leaves the epoch early (break, signal, exception)
             _shut_down(iterator)
 

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.synthetic import CLASS_NAMES, make_synthetic
 from core.config import UserError
+from data_prep.synthetic import CLASS_NAMES, make_synthetic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -77,11 +77,40 @@ class ArraySource:
         return int(max(self.images.shape[1:3])) if len(self.images) else 0
 
 
+def to_rgb8(image):
+    """An 8-bit RGB version of a PIL image, high bit depths scaled by their depth (not clipped).
+
+    16-bit pixels (modes ``I;16*``, and ``I`` as PIL reads 16-bit PNG/TIFF) become ``value >> 8``;
+    float pixels (mode ``F``) must lie in [0, 1] and are scaled by 255. Palette and other modes go
+    through PIL's conversion (transparency dropped). Raises ``ValueError`` for pixel values that
+    fit neither rule (negative or above 65535 in mode ``I``, floats outside [0, 1] or not finite).
+    16-bit RGB(A) PNGs need nothing here: PIL already reads them as 8-bit RGB(A).
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise ValueError(f"{mode} pixels range over {values.min()}..{values.max()}; "
+                             "only 8- and 16-bit integer images (0..65535) are supported")
+        return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ValueError("float pixels must lie in [0, 1] (got "
+                             f"{np.nanmin(values):.4g}..{np.nanmax(values):.4g}, or non-finite values)")
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L").convert("RGB")
+    if mode not in ("RGB", "L") and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 @dataclass
 class FileSource:
     """Image files decoded on access (by the writer's workers).
 
-    Any mode (grayscale, RGBA, palette, 16-bit) becomes RGB. ``resize_to`` (h, w) resizes every
+    Any mode (grayscale, RGBA, palette, 16-bit, float) becomes 8-bit RGB (:func:`to_rgb8`). ``resize_to`` (h, w) resizes every
     image exactly; otherwise ``max_side`` (0 = no bound) shrinks images whose longer side exceeds it,
     keeping the aspect ratio.
     """
@@ -103,9 +132,7 @@ class FileSource:
         from PIL import Image
 
         with Image.open(self.paths[index]) as image:
-            if image.mode not in ("RGB", "L"):
-                image = image.convert("RGBA").convert("RGB") if "transparency" in image.info else image
-            image = image.convert("RGB")
+            image = to_rgb8(image)
             if self.resize_to is not None:
                 if image.size != (self.resize_to[1], self.resize_to[0]):
                     image = image.resize((self.resize_to[1], self.resize_to[0]), Image.Resampling.LANCZOS)
@@ -166,20 +193,44 @@ def _read_cifar_batches(location: Path, spec: dict, names: Sequence[str]) -> lis
         raise
     except FileNotFoundError as error:
         raise DataError(f"missing CIFAR file: {error.filename}") from None
-    except (pickle.UnpicklingError, EOFError, tarfile.TarError, OSError, ValueError) as error:
-        raise DataError(f"cannot read CIFAR data from {location}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - unpickling a foreign file can raise anything
+        raise DataError(f"cannot read CIFAR data from {location}: {error.__class__.__name__}: {error}") from None
     return batches
+
+
+def _cifar_batch_arrays(batch, name: str, location: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``data`` (N, 3072) uint8 and labels (N,) int64 of one unpickled CIFAR batch, checked."""
+    where = f"CIFAR batch {name} in {location}"
+    if not isinstance(batch, dict):
+        raise DataError(f"{where} is a {type(batch).__name__}, not a dict with 'data' and '{label_key}'")
+    batch = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    missing = [key for key in ("data", label_key) if key not in batch]
+    if missing:
+        keys = ", ".join(repr(key) for key in list(batch)[:6])
+        raise DataError(f"{where} lacks the key(s) {', '.join(map(repr, missing))}; it has {keys}")
+    try:
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{where}: 'data' or '{label_key}' is not an array ({error})") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype.kind not in "iu":
+        raise DataError(f"{where} holds data of shape {data.shape} {data.dtype}, expected (N, 3072) uint8")
+    if data.dtype != np.uint8:
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise DataError(f"{where} holds pixel values {data.min()}..{data.max()}, outside 0..255")
+        data = data.astype(np.uint8)
+    if labels.ndim != 1 or len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
+        raise DataError(f"{where} holds {len(data)} images but labels of shape {labels.shape} {labels.dtype}")
+    return data, labels.astype(np.int64)
 
 
 def _cifar_split(location: Path, spec: dict, names: Sequence[str], classes: tuple[str, ...]) -> ArraySource:
     batches = _read_cifar_batches(location, spec, names)
-    try:
-        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[spec["label_key"]], dtype=np.int64) for b in batches])
-    except KeyError as error:
-        raise DataError(f"CIFAR batch in {location} lacks the key {error}") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"CIFAR batch in {location} holds data of shape {data.shape}, expected (N, 3072)")
+    arrays = [_cifar_batch_arrays(batch, name, location, spec["label_key"]) for batch, name in zip(batches, names)]
+    data = np.concatenate([a[0] for a in arrays])
+    labels = np.concatenate([a[1] for a in arrays])
+    if len(labels) == 0:
+        raise DataError(f"the CIFAR batches {', '.join(names)} in {location} hold no images")
     if labels.min() < 0 or labels.max() >= len(classes):
         raise DataError(f"CIFAR labels in {location} fall outside [0, {len(classes)})")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
@@ -219,7 +270,7 @@ def load_cifar(name: str, root: str | Path, download: bool = True) -> tuple[Arra
         root.mkdir(parents=True, exist_ok=True)
         location = _download_cifar(root, spec)
     meta = _read_cifar_batches(location, spec, [spec["meta"]])[0]
-    classes = tuple(meta.get(spec["names_key"], ()))
+    classes = tuple(meta.get(spec["names_key"], ())) if isinstance(meta, dict) else ()
     if not classes:
         raise DataError(f"{location}: '{spec['meta']}' lacks '{spec['names_key']}'")
     return (_cifar_split(location, spec, spec["train"], classes),
@@ -307,6 +358,7 @@ def _mini_from_csv(root: Path, csvs: list[Path], test_per_class: int) -> tuple[F
                     raise DataError(f"{path} lists {filename}, which is not in {root / 'images'}")
                 per_class.setdefault(name, []).append(str(image))
     train_paths, train_lab, test_paths, test_lab, classes = _split_per_class(per_class, test_per_class)
+    _check_images(train_paths + test_paths)
     size = (MINI_SIZE, MINI_SIZE)
     return (FileSource(train_paths, np.array(train_lab), classes, resize_to=size),
             FileSource(test_paths, np.array(test_lab), classes, resize_to=size))
@@ -317,6 +369,10 @@ def _mini_from_csv(root: Path, csvs: list[Path], test_per_class: int) -> tuple[F
 def _scan_split(split_dir: Path, classes: tuple[str, ...] | None) -> tuple[list[str], list[int], tuple[str, ...]]:
     if not split_dir.is_dir():
         raise DataError(f"missing folder {split_dir} (expected <root>/train/<class>/<image> and <root>/test/<class>/<image>)")
+    linked = sorted(d.name for d in split_dir.iterdir() if d.is_symlink() and d.is_dir())
+    if linked:
+        raise DataError(f"{split_dir / linked[0]} is a symbolic link to a folder: links to folders are not followed "
+                        "(an image is labelled by the class folder it lies in); make it a real folder")
     found = tuple(sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")))
     if not found:
         raise DataError(f"{split_dir} has no class folders")
@@ -330,7 +386,9 @@ def _scan_split(split_dir: Path, classes: tuple[str, ...] | None) -> tuple[list[
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        # Links to folders are not followed: a loop (train/a/x -> ..) or a link into another class
+        # would add images several times or under the wrong label.
+        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=False)):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
                     paths.append(os.path.join(dirpath, filename))
@@ -348,6 +406,9 @@ def _check_images(paths: list[str]) -> None:
         try:
             with Image.open(path) as image:
                 image.verify()
+        except Image.DecompressionBombError:
+            raise DataError(f"image {path} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                            "pixels, PIL's guard against decompression bombs); shrink it or leave it out") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise DataError(f"cannot read image {path}: {error}") from None
 
@@ -355,6 +416,8 @@ def _check_images(paths: list[str]) -> None:
 def load_folder(root: str | Path, max_resolution: int = 256) -> tuple[FileSource, FileSource]:
     """ImageFolder layout: ``root/{train,test}/<class>/<image>``; class names from train/, sorted."""
     root = Path(root)
+    if max_resolution < 0:
+        raise DataError(f"--data.max_resolution must be >= 0 (0 = keep the stored size), got {max_resolution}")
     if not root.is_dir():
         raise DataError(f"folder dataset root {root} does not exist")
     train_paths, train_labels, classes = _scan_split(root / "train", None)

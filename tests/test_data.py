@@ -1,16 +1,22 @@
 """The beton data layer: every source written in its real format, converted, and read back."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data_fixtures import (MINI_CLASSES, decode_index, make_cifar10, make_cifar100, make_folder, make_mini_csv,
-                           make_mini_pickles)
+from data_fixtures import (MINI_CLASSES, decode_index, index_images, make_cifar10, make_cifar100, make_folder,
+                           make_mini_csv, make_mini_pickles)
 from data_prep.loader import BetonError, BetonLoader, inspect_beton
 from data_prep.sources import ArraySource, DataError, load_synthetic, n_shot_indices
 from data_prep.synthetic import make_synthetic
@@ -327,3 +333,330 @@ def test_variable_sized_beton_needs_an_image_size(tmp_path):
     with pytest.raises(BetonError, match="several sizes"):
         BetonLoader(tmp_path / "folder_train.beton", 2, train=False)
     assert os.path.exists(tmp_path / "folder_train.beton")
+
+
+# ---------------------------------------------------------------------------------------------- bit depth
+def _folder_with(root: Path, image_for_split) -> None:
+    """``root/{train,test}/a/x.<ext>`` from ``image_for_split(directory)`` (which saves the file)."""
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        image_for_split(root / split / "a")
+
+
+def test_16_bit_grayscale_is_scaled_by_its_depth_not_clipped(tmp_path):
+    from PIL import Image
+    gradient = np.linspace(0, 57_500, 64 * 64).reshape(64, 64).astype(np.uint16)
+    _folder_with(tmp_path / "raw", lambda d: Image.fromarray(gradient).save(d / "x.png"))
+    assert Image.open(tmp_path / "raw" / "train" / "a" / "x.png").mode.startswith("I")  # a real 16-bit PNG
+    write_main(["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path}",
+                "--data.num_workers=1"])
+    images, _ = read_all(tmp_path / "folder_train.beton")
+    gray = images[0, ..., 0]
+    assert np.array_equal(gray, images[0, ..., 1]) and np.array_equal(gray, images[0, ..., 2])
+    np.testing.assert_array_equal(gray, (gradient >> 8).astype(np.uint8))  # the gradient keeps its shape
+    assert len(np.unique(gray)) > 200 and abs(gray.mean() - 57_500 / 2 / 257) < 1.5
+
+
+def test_high_bit_depth_modes_become_8_bit():
+    from PIL import Image
+    from data_prep.sources import to_rgb8
+    ramp = np.linspace(0, 65_535, 256).reshape(16, 16)
+    expected = (ramp.astype(np.int64) >> 8).astype(np.uint8)
+    as_int32 = Image.fromarray(ramp.astype(np.int32))  # mode "I": how some readers give 16-bit data
+    assert as_int32.mode == "I"
+    np.testing.assert_array_equal(np.asarray(to_rgb8(as_int32))[..., 0], expected)
+    as_float = Image.fromarray((ramp / 65_535).astype(np.float32))  # mode "F" in [0, 1]
+    np.testing.assert_array_equal(np.asarray(to_rgb8(as_float))[..., 0], np.rint(ramp / 65_535 * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_rgb8(Image.fromarray(np.full((4, 4), 3.5, np.float32)))
+    with pytest.raises(ValueError, match="0..65535"):
+        to_rgb8(Image.fromarray(np.full((4, 4), 70_000, np.int32)))
+    rgb = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(to_rgb8(Image.fromarray(rgb))), rgb)
+
+
+def test_float_image_outside_0_1_is_refused_by_name(tmp_path, capsys):
+    from PIL import Image
+    _folder_with(tmp_path / "raw", lambda d: Image.fromarray(np.full((8, 8), 300.0, np.float32)).save(d / "f.tif"))
+    assert run_cli(write_main, ["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path / 'out'}",
+                                "--data.num_workers=1"]) == 2
+    err = capsys.readouterr().err
+    assert "f.tif" in err and "[0, 1]" in err and err.count("\n") == 1
+    assert no_leftovers(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------------------------------------- symlinks
+def test_folder_does_not_follow_directory_symlinks(tmp_path, capsys):
+    from PIL import Image
+    root = tmp_path / "raw"
+    for split, count in (("train", 6), ("test", 1)):
+        for label, name in enumerate("ab"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((8, 8, 3), 100 * label + i, np.uint8)).save(root / split / name / f"{i}.png")
+    os.symlink("..", root / "train" / "a" / "loop")  # train/a/loop/b/... would be class b images labelled a
+    write_main(["--data.dataset=folder", f"--data.root={root}", f"--data.out_dir={tmp_path / 'out'}", "--data.num_workers=1"])
+    images, labels = read_all(tmp_path / "out" / "folder_train.beton")
+    assert len(labels) == 12 and np.bincount(labels).tolist() == [6, 6]
+    np.testing.assert_array_equal(images[:, 0, 0, 0] >= 100, labels == 1)  # each image under its own class
+    os.symlink("b", root / "train" / "c")  # a class folder that is a link: refused, not followed
+    assert run_cli(write_main, ["--data.dataset=folder", f"--data.root={root}", f"--data.out_dir={tmp_path / 'out2'}"]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and str(root / "train" / "c") in err and err.count("\n") == 1
+    assert no_leftovers(tmp_path / "out2") == []
+
+
+# ---------------------------------------------------------------------------------------------- faults while writing
+WRITE_BETON = Path(__file__).resolve().parents[1] / "data_prep" / "write_beton.py"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, read from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        state, _, group = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+def start_writer(tmp_path: Path, images: int = 3000, **popen) -> subprocess.Popen:
+    """write_beton.py on ``images`` synthetic 64 px images (12 kB each), in a session of its own."""
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, NUMBA_THREADING_LAYER="omp", TMPDIR=str(tmp_path / "tmp"))
+    return subprocess.Popen(
+        [sys.executable, str(WRITE_BETON), "--data.dataset=synthetic", f"--data.synthetic_train={images}",
+         "--data.synthetic_test=10", "--data.synthetic_size=64", f"--data.out_dir={tmp_path / 'out'}",
+         "--data.num_workers=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, **popen)
+
+
+def wait_until_mid_write(process: subprocess.Popen, out_dir: Path, timeout: float = 120) -> None:
+    """Returns once the train beton's temporary file holds pages and the writer processes run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            sizes = [p.stat().st_size for p in out_dir.glob("synthetic_train.beton.tmp-*")]
+        except FileNotFoundError:
+            sizes = []
+        if sizes and sizes[0] >= 4 << 20 and len(group_members(process.pid)) >= 3:  # main + 2 workers
+            return
+        time.sleep(0.005)
+    process.kill()
+    pytest.fail("the writer never got mid-write")
+
+
+def assert_ended_cleanly(process: subprocess.Popen, tmp_path: Path, code: int, message: str) -> None:
+    """Exit status ``code`` within 30 s, ``message`` as the only stderr line, nothing left behind."""
+    try:
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the writer did not exit")
+    assert process.returncode == code, err
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while group_members(process.pid) and time.monotonic() < deadline:  # the workers must not outlive it
+        time.sleep(0.05)
+    assert group_members(process.pid) == []
+    assert list((tmp_path / "out").iterdir()) == []  # no beton, no temporary file
+    assert list((tmp_path / "tmp").iterdir()) == []  # no side directory
+
+
+def test_sigterm_mid_write_stops_workers_and_removes_everything(tmp_path):
+    process = start_writer(tmp_path)
+    wait_until_mid_write(process, tmp_path / "out")
+    os.kill(process.pid, signal.SIGTERM)  # the main process only, as `kill PID` does
+    assert_ended_cleanly(process, tmp_path, 2, "error: stopped by SIGTERM")
+
+
+def test_ctrl_c_to_the_process_group_mid_write_exits_at_once(tmp_path):
+    process = start_writer(tmp_path)
+    wait_until_mid_write(process, tmp_path / "out")
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the group
+    assert_ended_cleanly(process, tmp_path, 130, "interrupted")
+
+
+def test_a_file_size_limit_mid_write_fails_cleanly(tmp_path):
+    """A real write error in the workers: the kernel refuses writes past RLIMIT_FSIZE (EFBIG)."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, 6 << 20))  # Python ignores SIGXFSZ: writes fail
+    process = start_writer(tmp_path, images=1000, preexec_fn=limit_file_size)  # a 12 MB beton
+    deadline = time.monotonic() + 120  # starting (imports, drawing the images) is slow on a busy machine
+    while process.poll() is None and not list((tmp_path / "out").glob("*.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_ended_cleanly(process, tmp_path, 2, "synthetic_train.beton: File too large")
+
+
+class _FillingDisk:
+    """A file on a disk that is full beyond ``room`` bytes: ``write`` raises ENOSPC there, as the kernel does."""
+
+    def __init__(self, handle, room: int):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if self.handle.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+@pytest.mark.parametrize("where", ["worker", "main"])
+def test_full_disk_fails_once_with_nothing_left(tmp_path, monkeypatch, where):
+    from multiprocessing import shared_memory
+
+    import psutil
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import DatasetWriter
+
+    if where == "worker":  # the workers' page writes (forked: they inherit the patch)
+        def enter(self):
+            self.fp = _FillingDisk(open(self.fname, "ab", buffering=0), room=5 << 20)
+        monkeypatch.setattr(MemoryAllocator, "__enter__", enter)
+    else:  # the main process's last write: metadata and allocation table
+        def finalize(self, allocations):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(DatasetWriter, "finalize", finalize)
+    created = []
+
+    class Recorded(shared_memory.SharedMemory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self.name)
+    monkeypatch.setattr(shared_memory, "SharedMemory", Recorded)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    source = ArraySource(index_images(600, 64), np.arange(600) % 3, ("a", "b", "c"))  # ~7 MB: several pages
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"cannot write .*\.beton: No space left on device"):
+        write_betons({tmp_path / "small.beton": ArraySource(index_images(10, 8), np.zeros(10), ("a",)),
+                      tmp_path / "big.beton": source}, num_workers=2)
+    assert time.monotonic() - start < 60
+    assert list(tmp_path.iterdir()) == []  # neither beton, no temporary file
+    assert created and not any(Path("/dev/shm", name).exists() for name in created)
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.status() != "zombie"
+            and "resource_tracker" not in " ".join(c.cmdline())]  # multiprocessing's, started once per process
+    assert left == []
+
+
+# ---------------------------------------------------------------------------------------------- one line, not a traceback
+def test_image_too_large_to_decode_is_refused_by_name(tmp_path, capsys):
+    from PIL import Image
+    make_folder(tmp_path / "raw")
+    Image.new("1", (14_000, 14_000)).save(tmp_path / "raw" / "train" / "cat" / "huge.png")  # 196 Mpx, a few kB
+    assert run_cli(write_main, ["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "huge.png" in err and "too large" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert no_leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("batch, complaint", [
+    ([1, 2, 3], "is a list"),
+    ({"labels": [0]}, "lacks the key(s) 'data'"),
+    ({"data": np.zeros((6, 100), np.uint8), "labels": [0] * 6}, "shape (6, 100)"),
+    ({"data": np.zeros((6, 3072), np.uint8), "labels": [0] * 5}, "6 images but labels"),
+    ({"data": np.full((6, 3072), 300), "labels": [0] * 6}, "outside 0..255"),
+], ids=["list", "no-data", "shape", "labels", "range"])
+def test_cifar_batch_of_the_wrong_structure_is_refused(tmp_path, capsys, batch, complaint):
+    make_cifar10(tmp_path / "raw")
+    with open(tmp_path / "raw" / "cifar-10-batches-py" / "data_batch_2", "wb") as handle:
+        pickle.dump(batch, handle)
+    assert run_cli(write_main, [f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path / 'out'}", "--data.download=0"]) == 2
+    err = capsys.readouterr().err
+    assert "data_batch_2" in err and complaint in err and err.count("\n") == 1, err
+    assert no_leftovers(tmp_path / "out") == []
+
+
+def test_cifar_batch_with_bytes_keys_is_read(tmp_path):
+    truth = make_cifar10(tmp_path / "raw")
+    path = tmp_path / "raw" / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle)
+    with open(path, "wb") as handle:
+        pickle.dump({key.encode(): value for key, value in batch.items()}, handle)  # as encoding="bytes" gives
+    write_main([f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path}", "--data.download=0", "--data.num_workers=1"])
+    np.testing.assert_array_equal(read_all(tmp_path / "cifar10_test.beton")[1], truth["test_labels"])
+
+
+def test_out_dir_that_is_a_file_or_unwritable_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    args = ["--data.dataset=synthetic", "--data.synthetic_train=20", "--data.synthetic_test=10"]
+    assert run_cli(write_main, args + [f"--data.out_dir={tmp_path / 'file'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data.out_dir={tmp_path / 'file'} is a file" in err and err.count("\n") == 1
+    assert run_cli(write_main, args + [f"--data.out_dir={tmp_path / 'file' / 'sub'}"]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    if os.geteuid() != 0:  # root writes whatever the permission bits say
+        (tmp_path / "locked").mkdir(mode=0o500)
+        assert run_cli(write_main, args + [f"--data.out_dir={tmp_path / 'locked'}"]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+def _write_raw_beton(path: Path, fields: dict, samples: list) -> None:
+    from ffcv.writer import DatasetWriter
+
+    class Samples:
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, index):
+            return samples[index]
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(Samples())
+
+
+def test_fields_are_read_by_name_in_any_order(tmp_path):
+    from ffcv.fields import IntField, RGBImageField
+    images = index_images(9, 8)
+    labels = np.arange(9) % 3
+    _write_raw_beton(tmp_path / "swapped.beton", {"label": IntField(), "weight": IntField(), "image": RGBImageField()},
+                     [(int(labels[i]), 7, images[i]) for i in range(9)])
+    assert inspect_beton(tmp_path / "swapped.beton").fields == ("label", "weight", "image")
+    read_images, read_labels = read_all(tmp_path / "swapped.beton")
+    np.testing.assert_array_equal(read_images, images)
+    np.testing.assert_array_equal(read_labels, labels)
+
+
+def test_negative_labels_are_refused_clearly(tmp_path, capsys):
+    from ffcv.fields import IntField, RGBImageField
+    from data_prep.inspect_beton import main as inspect_main
+    _write_raw_beton(tmp_path / "negative.beton", {"image": RGBImageField(), "label": IntField()},
+                     [(np.zeros((8, 8, 3), np.uint8), -1 - (i % 2)) for i in range(6)])
+    capsys.readouterr()  # ffcv's own progress bar
+    assert run_cli(inspect_main, [str(tmp_path / "negative.beton")]) == 2
+    err = capsys.readouterr().err
+    assert "negative labels" in err and "down to -2" in err and err.count("\n") == 1
+    with pytest.raises(BetonError, match="negative labels"):
+        BetonLoader(tmp_path / "negative.beton", 2, train=False)
+
+
+def test_max_resolution_zero_keeps_the_stored_size(tmp_path):
+    from data_prep.sources import load_folder
+    make_folder(tmp_path / "raw")
+    write_main(["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path}",
+                "--data.max_resolution=0", "--data.num_workers=1"])
+    assert (300, 150) in inspect_beton(tmp_path / "folder_train.beton").image_sizes
+    with pytest.raises(DataError, match="max_resolution must be >= 0"):
+        load_folder(tmp_path / "raw", max_resolution=-5)
+
+
+def test_betons_get_the_mode_a_plain_open_gives(tmp_path):
+    source = ArraySource(index_images(10, 8), np.zeros(10), ("a",))
+    previous = os.umask(0o027)
+    try:
+        write_betons({tmp_path / "new.beton": source}, num_workers=1)
+        (tmp_path / "old.beton").write_bytes(b"x")
+        os.chmod(tmp_path / "old.beton", 0o604)
+        write_betons({tmp_path / "old.beton": source}, num_workers=1)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "new.beton").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "old.beton").stat().st_mode & 0o777 == 0o604  # a replaced file keeps its mode
