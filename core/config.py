@@ -156,6 +156,10 @@ def _declare(config: Config) -> None:
         svd=Param(Choice(("auto", "newton_schulz", "svdvals")), "how the rank term gets singular values: newton_schulz "
                   "(matmuls only, no host sync on GPU), svdvals (exact reference; syncs on CUDA), auto (newton_schulz "
                   "on GPU, svdvals on CPU)", default="auto"),
+        tv_reduction=Param(Choice(("mean", "sum")), "L_TV over the D dims: mean (SPEC) or sum (the paper's squared "
+                           "norm; = mean with alpha_h, alpha_r divided by D)", default="mean"),
+        maxpool=Param(Int(-1, 1), "the ResNet stem's max-pool: 1 keep, 0 remove (the paper's Mini-ImageNet ResNet-18), "
+                      "-1 = removed with the CIFAR stem, kept otherwise", default=-1),
         rank_bias=Param(Flag(), "append a column of ones to zbar in the rank term (0/1)", default=0),
         arch=Param(Text(), "any timm model name (ResNets get the CIFAR stem on images <= 64 px)", default="resnet18"),
         cifar_stem=Param(Int(-1, 1), "3x3 stride-1 stem, no max-pool (1/0; -1 = for ResNets on images <= 64 px)", default=-1),

@@ -21,7 +21,7 @@ from core.config import ConfigError
 from core.io import atomic_write
 from data_prep.loader import BetonInfo, BetonLoader, inspect_beton
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.model import ENCODER_KEYS, build_encoder_from_cfg
+from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, build_encoder_from_cfg
 
 EVAL_SECTIONS = ("eval", "cfg", "data")
 
@@ -68,7 +68,8 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
         torch.manual_seed(cfg["seed"])
     else:
         checkpoint = load_checkpoint(source)
-        arch_cfg = {key: checkpoint["config"]["cfg"].get(key, cfg[key]) for key in ENCODER_KEYS}
+        saved = checkpoint["config"]["cfg"]
+        arch_cfg = {key: saved.get(key, ENCODER_DEFAULTS.get(key, cfg[key])) for key in ENCODER_KEYS}
         mismatched = [f"--cfg.{key}={cfg[key]!r} but the checkpoint has {arch_cfg[key]!r}"
                       for key in ENCODER_KEYS if f"cfg.{key}" in explicit and cfg[key] != arch_cfg[key]]
         if mismatched:
@@ -106,6 +107,18 @@ def check_labels(train: BetonInfo, test: BetonInfo) -> None:
                       f"({_labels(missing)}): their images cannot be classified correctly", stacklevel=2)
 
 
+def few_steps_message(protocol: str, images: int, batch_size: int, steps_per_epoch: int, epochs: int,
+                      minimum: int) -> str | None:
+    """The first half of the warning when a protocol gets fewer than ``minimum`` optimiser steps; else None."""
+    steps = epochs * steps_per_epoch
+    if steps >= minimum:
+        return None
+    clamped = f", the batch clamped to the {images} training images" if batch_size >= images else ""
+    batches = "batch" if steps_per_epoch == 1 else "batches"
+    return (f"{protocol} gets only {steps} optimiser steps ({epochs} epochs x {steps_per_epoch} {batches} of "
+            f"{batch_size}{clamped}); fewer than {minimum}")
+
+
 def _labels(values) -> str:
     values = sorted(values)
     return ", ".join(map(str, values[:8])) + (f", ... ({len(values)} in all)" if len(values) > 8 else "")
@@ -120,6 +133,9 @@ def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:
     path = Path(out) if out else folder / f"eval_{protocol}.json"
     if path.is_dir():
         raise ConfigError(f"--eval.out={path} is a folder: name a JSON file")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"cannot write the results to {path}: {blocking} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):

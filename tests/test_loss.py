@@ -700,3 +700,18 @@ def test_rank_term_raises_effective_rank(trained):
     # Entropy alone lets zbar concentrate on fewer directions (paper §2.3); the rank term
     # spreads the spectrum (measured: about 8.8 without, 11.1 with, out of 16).
     assert effective_rank(zbar_hr) > effective_rank(zbar_h) + 1.0
+
+
+def test_tv_reduction_sum_is_d_times_the_mean_and_reaches_the_total() -> None:
+    from train.loss import total_variance
+
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 8, 5, generator=generator, dtype=torch.float64)
+    reference = sum(((z[k, b] - z[:, b].mean(0)) ** 2).sum() for k in range(3) for b in range(8)) / (3 * 8)
+    assert total_variance(z, "sum").item() == pytest.approx(reference.item())
+    assert total_variance(z, "sum").item() == pytest.approx(5 * total_variance(z, "mean").item())
+    total, parts = simmer_loss(z, tv_reduction="sum")
+    assert parts["tv"].item() == pytest.approx(reference.item())
+    assert total.item() == pytest.approx((parts["tv"] + 0.1 * parts["entropy"] + 2e-4 * parts["rank"]).item())
+    with pytest.raises(ValueError, match="unknown tv reduction 'max'"):
+        total_variance(z, "max")

@@ -197,3 +197,28 @@ def test_save_backbone_strips_compile_wrapper(tmp_path) -> None:
     save_backbone(_Wrapped(enc), tmp_path / "b.pt")
     keys = set(torch.load(tmp_path / "b.pt", weights_only=True))
     assert keys == set(enc.backbone.state_dict())
+
+
+@pytest.mark.parametrize("maxpool, expected", [(None, nn.MaxPool2d), (False, nn.Identity), (True, nn.MaxPool2d)])
+def test_maxpool_option_keeps_the_stem_and_changes_only_the_pool(maxpool, expected) -> None:
+    encoder = build_encoder("resnet18", image_size=84, proj_dim=16, maxpool=maxpool)
+    assert isinstance(encoder.backbone.maxpool, expected)
+    assert encoder.backbone.conv1.kernel_size == (7, 7) and encoder.backbone.conv1.stride == (2, 2)
+    with torch.no_grad():
+        features = encoder.backbone.eval().forward_features(torch.randn(1, 3, 84, 84))
+    assert features.shape[-1] == (6 if maxpool is False else 3)  # 84 px: stem /2, (pool /2), layers 2-4 /2 each
+
+
+def test_maxpool_is_an_encoder_key_and_old_checkpoints_resume() -> None:
+    from train.checkpoint import CheckpointError, check_compatible
+    from train.model import ENCODER_KEYS, build_encoder_from_cfg
+
+    assert "maxpool" in ENCODER_KEYS
+    cfg = {"arch": "resnet18", "cifar_stem": -1, "maxpool": 0, "proj_dim": 16, "proj_layers": 0, "proj_hidden": 0,
+           "image_size": 0, "augment": "auto"}
+    assert isinstance(build_encoder_from_cfg(cfg, 84).backbone.maxpool, nn.Identity)
+    old = {k: v for k, v in cfg.items() if k != "maxpool"}  # a checkpoint from before the option
+    current = {"cfg": {**cfg, "maxpool": -1}, "run": {}, "data": {}}
+    check_compatible({"config": {"cfg": old, "run": {}, "data": {}}}, current, "old.pt")
+    with pytest.raises(CheckpointError, match="cfg.maxpool: checkpoint -1 vs now 0"):
+        check_compatible({"config": {"cfg": old, "run": {}, "data": {}}}, {**current, "cfg": cfg}, "old.pt")

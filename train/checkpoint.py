@@ -23,7 +23,7 @@ import torch
 
 from core.config import UserError
 from core.io import atomic_write
-from train.model import ENCODER_KEYS, backbone_state, build_backbone, use_cifar_stem
+from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, backbone_state, build_backbone, use_cifar_stem
 
 
 
@@ -139,8 +139,9 @@ def check_compatible(checkpoint: dict, current: dict, path: str | Path, steps_pe
     it catches a training beton rewritten with other data under the same name.
     """
     saved = checkpoint["config"]
-    differences = [f"cfg.{key}: checkpoint {saved['cfg'].get(key)!r} vs now {current['cfg'].get(key)!r}"
-                   for key in ENCODER_KEYS if saved["cfg"].get(key) != current["cfg"].get(key)]
+    before = {key: saved["cfg"].get(key, ENCODER_DEFAULTS.get(key)) for key in ENCODER_KEYS}
+    differences = [f"cfg.{key}: checkpoint {before[key]!r} vs now {current['cfg'].get(key)!r}"
+                   for key in ENCODER_KEYS if before[key] != current["cfg"].get(key)]
     if differences:
         raise CheckpointError(f"{path} was made with another architecture ({'; '.join(differences)}); "
                               "use another --run.dir or the same settings")
@@ -165,13 +166,13 @@ def save_backbone(encoder: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_backbone(arch: str, path: str | os.PathLike, image_size: int,
-                  cifar_stem: bool | None = None) -> torch.nn.Module:
+                  cifar_stem: bool | None = None, maxpool: bool | None = None) -> torch.nn.Module:
     """A fresh timm ``arch`` (stem as :func:`train.model.use_cifar_stem` decides) with the weights at ``path``.
 
     Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F). Raises ``FileNotFoundError``
     when there is no file, ``RuntimeError`` when the weights do not fit ``arch``.
     """
     stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
-    backbone = build_backbone(arch, stem)
+    backbone = build_backbone(arch, stem, maxpool)
     backbone.load_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
     return backbone

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_SVD",
     "RANK_VARIANTS",
     "SVD_METHODS",
+    "TV_REDUCTIONS",
     "effective_rank",
     "entropy_loss",
     "nearest_neighbour_distance",
@@ -269,15 +270,24 @@ def _nearest_neighbour_dist2(zbar: torch.Tensor) -> torch.Tensor:
     return (zbar - zbar[idx]).pow(2).sum(-1)
 
 
-def total_variance(z: torch.Tensor) -> torch.Tensor:
-    """Total variance across views, ``((z - z.mean(0)) ** 2).mean()`` (paper eq. 2).
+TV_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
-    z: (K, B, D) -> scalar. The mean runs over views, images and dims (SPEC §1).
+
+def total_variance(z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Total variance across views (paper eq. 2).
+
+    z: (K, B, D) -> scalar. ``reduction="mean"`` (SPEC §1): ``((z - z.mean(0)) ** 2).mean()``, the
+    mean over views, images and dims. ``"sum"`` (the paper's squared L2 norm): summed over the D
+    dims, averaged over views and images, so D times the mean; under Adam this equals the mean
+    with alpha_h and alpha_r divided by D.
     """
     _check_views(z)
+    if reduction not in TV_REDUCTIONS:
+        raise ValueError(f"unknown tv reduction {reduction!r}; expected one of {', '.join(TV_REDUCTIONS)}")
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = _upcast(z)
-        return (z - z.mean(0, keepdim=True)).pow(2).mean()
+        squared = (z - z.mean(0, keepdim=True)).pow(2)
+        return squared.mean() if reduction == "mean" else squared.sum(-1).mean()
 
 
 def entropy_loss(zbar: torch.Tensor, eps: float = _DIST2_EPS) -> torch.Tensor:
@@ -382,6 +392,7 @@ def simmer_loss(
     rank_variant: str = "nuclear",
     rank_bias: bool = False,
     svd: str = DEFAULT_SVD,
+    tv_reduction: str = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The SimMER loss ``L_TV + alpha_h · L_H + alpha_r · L_R`` (paper eq. 15).
 
@@ -395,6 +406,7 @@ def simmer_loss(
             ``"newton_schulz"`` (matmuls only, no host sync), ``"svdvals"`` (the exact
             reference) or ``"auto"`` (the first on a GPU, the second on the CPU); see
             :func:`rank_loss`.
+        tv_reduction: ``"mean"`` or ``"sum"`` over the D dims of L_TV (:func:`total_variance`).
 
     Returns:
         ``(total, parts)``: ``total`` a scalar; ``parts`` a dict of scalar tensors ``tv``,
@@ -417,7 +429,7 @@ def simmer_loss(
     _check_views(z)
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = _upcast(z)
-        tv = total_variance(z)
+        tv = total_variance(z, tv_reduction)
         zbar = z.mean(0)  # (B, D)
         if _world_size() > 1:
             zbar = _all_gather_with_grad(zbar)  # (N·B, D)

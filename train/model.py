@@ -53,6 +53,7 @@ __all__ = [
     "build_encoder",
     "build_projector",
     "default_projector_layers",
+    "ENCODER_DEFAULTS",
     "ENCODER_KEYS",
     "backbone_state",
     "build_encoder_from_cfg",
@@ -62,10 +63,13 @@ __all__ = [
 CIFAR_STEM_MAX_SIZE = 64
 """Largest image side (pixels) for which ResNets get the CIFAR stem."""
 
-ENCODER_KEYS = ("arch", "cifar_stem", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
+ENCODER_KEYS = ("arch", "cifar_stem", "maxpool", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
 """The ``cfg`` keys that define an encoder and the input it expects: the weights' shapes, the stem,
 and the augmentation preset whose normalisation statistics it was trained on. A checkpoint resumes
 and evaluates only with these unchanged; the one list of them."""
+
+ENCODER_DEFAULTS = {"maxpool": -1}
+"""What a key added to :data:`ENCODER_KEYS` later means in the configs of older checkpoints."""
 
 
 def _check_arch(arch: str) -> None:
@@ -149,12 +153,14 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_backbone(arch: str, cifar_stem: bool) -> nn.Module:
+def build_backbone(arch: str, cifar_stem: bool, maxpool: bool | None = None) -> nn.Module:
     """A randomly initialised timm model returning pooled features (N, F).
 
     Args:
         arch: any timm model name (``resnet18``, ``resnet50``, ...).
         cifar_stem: replace the stem by the CIFAR one (:func:`apply_cifar_stem`).
+        maxpool: keep (True) or remove (False) the stem's max-pool; None: removed with the CIFAR
+            stem, kept otherwise. False alone is the paper's Mini-ImageNet ResNet-18 (§3.4).
 
     Returns:
         ``timm.create_model(arch, pretrained=False, num_classes=0)``, maybe with the CIFAR stem;
@@ -167,6 +173,10 @@ def build_backbone(arch: str, cifar_stem: bool) -> nn.Module:
     model = timm.create_model(arch, pretrained=False, num_classes=0)
     if cifar_stem:
         apply_cifar_stem(model)
+    if maxpool is not None:
+        if not isinstance(getattr(model, "maxpool", None), nn.Module):
+            raise ValueError(f"{arch} has no stem max-pool to {'keep' if maxpool else 'remove'}")
+        model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if maxpool else nn.Identity()
     return model
 
 
@@ -249,6 +259,7 @@ def build_encoder(
     proj_layers: int | None = None,
     proj_hidden: int | None = None,
     cifar_stem: bool | None = None,
+    maxpool: bool | None = None,
 ) -> SimMEREncoder:
     """The SimMER encoder for ``arch`` on images of side ``image_size``, in channels-last.
 
@@ -260,6 +271,7 @@ def build_encoder(
             ResNet-18/34, 3 otherwise).
         proj_hidden: projector hidden width; None -> F (``backbone.num_features``).
         cifar_stem: force the stem choice; None -> :func:`use_cifar_stem`.
+        maxpool: keep or remove the stem's max-pool; None -> as the stem decides.
 
     Raises:
         ValueError: unknown ``arch``; bad projector sizes; forced CIFAR stem on a non-ResNet.
@@ -267,17 +279,18 @@ def build_encoder(
     _check_arch(arch)
     stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
     layers = default_projector_layers(arch) if proj_layers is None else proj_layers
-    backbone = build_backbone(arch, stem)
+    backbone = build_backbone(arch, stem, maxpool)
     projector = build_projector(backbone.num_features, proj_hidden, proj_dim, layers)
     return SimMEREncoder(backbone, projector).to(memory_format=torch.channels_last)
 
 
 def build_encoder_from_cfg(cfg: dict, image_size: int) -> SimMEREncoder:
     """:func:`build_encoder` from a config's ``cfg`` section (keys ``arch``, ``proj_dim``,
-    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` (-1 = automatic))."""
-    stem = cfg.get("cifar_stem", -1)
+    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` and ``maxpool`` (-1 = automatic))."""
+    stem, maxpool = cfg.get("cifar_stem", -1), cfg.get("maxpool", -1)
     return build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
-                         proj_hidden=cfg["proj_hidden"] or None, cifar_stem=None if stem == -1 else bool(stem))
+                         proj_hidden=cfg["proj_hidden"] or None, cifar_stem=None if stem == -1 else bool(stem),
+                         maxpool=None if maxpool == -1 else bool(maxpool))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -277,7 +277,7 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         model, loss_fn = torch.compile(model), torch.compile(simmer_loss)
     step = TrainStep(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn, probe,
                      alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
-                     rank_bias=bool(cfg["rank_bias"]), svd=cfg["svd"])
+                     rank_bias=bool(cfg["rank_bias"]), svd=cfg["svd"], tv_reduction=cfg["tv_reduction"])
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
 
 
