@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
@@ -27,7 +28,7 @@ from core.config import parse_config, run_cli  # noqa: E402
 from core.progress import epoch_line, progress_bar  # noqa: E402
 from core.schedule import lr_at  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
-from eval.common import EVAL_SECTIONS, EvalSetup, default_out, prepare, write_results  # noqa: E402
+from eval.common import EVAL_SECTIONS, EvalSetup, default_out, few_steps_message, prepare, write_results  # noqa: E402
 from eval.features import autocast_context, extract_features, topk_accuracy  # noqa: E402
 from eval.linear import new_classifier  # noqa: E402
 
@@ -62,6 +63,31 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
     return head
 
 
+# The paper's 40-shot Mini-ImageNet protocol (4,000 images, batch 512, 40 epochs) takes 7 x 40 = 280
+# SGD steps; the new head starts from scratch at lr 0.1 x B/256 and needs a few hundred of them.
+MIN_STEPS = 200
+SMALL_SET_BATCH = 128
+
+
+def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
+    """The warning when fine-tuning gets fewer than :data:`MIN_STEPS` optimiser steps, else None.
+
+    ``batch_size`` is the one asked for (it is clamped to ``images``; only full batches are used).
+    """
+    if images <= 0:
+        return None
+    batch = min(batch_size, images)
+    first = few_steps_message("fine-tuning", images, batch, images // batch, epochs, MIN_STEPS)
+    if first is None:
+        return None
+    small = min(SMALL_SET_BATCH, batch)  # never a larger batch than the one asked for
+    small_epochs = max(epochs, -(-MIN_STEPS // (images // small)))
+    return (f"{first} usually leave the new linear head far from converged (the paper's 40-shot protocol takes "
+            f"280). Use a smaller --finetune.batch_size (the learning rates scale with it) or more "
+            f"--finetune.epochs, e.g. --finetune.batch_size={small} --finetune.epochs={small_epochs} "
+            f"({small_epochs * (images // small)} steps)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parses ``argv``, fine-tunes, writes and returns the results."""
     explicit: set[str] = set()
@@ -72,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config["cfg"]["seed"])
     start = time.perf_counter()
     train_info = inspect_beton(data["train_beton"])
+    warning = too_few_steps(train_info.num_samples, tune["batch_size"], tune["epochs"])
+    if warning:  # said before the work, which it may make pointless
+        warnings.warn(warning)
     batch_size = min(tune["batch_size"], train_info.num_samples)
     scale = batch_size / 256
     loader = BetonLoader(data["train_beton"], batch_size, train=True, device=setup.device,

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +51,25 @@ def read_log(path: Path) -> list[dict]:
     return lines
 
 
-def read_results(folder: Path | None) -> dict[str, dict]:
+def read_results(folder: Path | None, required: bool = False) -> dict[str, dict]:
+    """The evaluation results (``eval_*.json``) in ``folder`` by protocol; a broken one is refused by name.
+
+    A missing folder gives ``{}``, or is refused when ``required`` (a ``--baseline`` that was asked for).
+    """
     if folder is None or not folder.is_dir():
+        if required:
+            raise UserError(f"--baseline {folder} is not a folder (expected one with a random encoder's eval_*.json)")
         return {}
-    return {path.stem.removeprefix("eval_"): json.loads(path.read_text()) for path in sorted(folder.glob("eval_*.json"))}
+    results = {}
+    for path in sorted(folder.glob("eval_*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"cannot read {path}: {error}") from None
+        if not isinstance(result, dict) or not isinstance(result.get("top1"), (int, float)):
+            raise UserError(f"{path} holds no top1: not the results of eval/knn.py, linear.py or finetune.py")
+        results[path.stem.removeprefix("eval_")] = result
+    return results
 
 
 def _series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -294,14 +312,17 @@ def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) ->
     """Writes every plot the run's files allow; returns their paths.
 
     Every input is read first: a missing or bad file stops the report before anything is drawn.
+    The plots are drawn in a temporary folder and moved into ``report/`` together at the end, so
+    a failure leaves no new plot there.
     """
     run_dir = Path(run_dir)
     log = read_log(run_dir / "log.jsonl")
-    pictures = gather_pictures(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
-    baseline = read_results(Path(baseline_dir) if baseline_dir else None)
+    baseline = read_results(Path(baseline_dir), required=True) if baseline_dir else {}
     results = read_results(run_dir)
     out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: the report is a folder of plots")
+    pictures = gather_pictures(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
     plots = [("losses.png", lambda path: plot_losses(log, path)),
              ("lr_throughput.png", lambda path: plot_lr_throughput(log, path))]
     if any("knn_top1" in line for line in log):
@@ -316,11 +337,21 @@ def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) ->
                   ("retrieval.png", lambda path: plot_retrieval(pictures, path))]
     if results or baseline:
         plots.append(("results.png", lambda path: plot_results(results, baseline, path)))
-    written = []
-    for name, plot in plots:
-        plot(out / name)
-        written.append(out / name)
-        print(f"wrote {out / name}")
+    try:
+        drawing = Path(tempfile.mkdtemp(dir=run_dir, prefix=".report."))
+    except OSError as error:
+        raise UserError(f"cannot write the report into {run_dir}: {error.strerror or error}") from None
+    try:
+        for name, plot in plots:
+            plot(drawing / name)
+        out.mkdir(exist_ok=True)
+        for name, _ in plots:
+            os.replace(drawing / name, out / name)
+    finally:
+        shutil.rmtree(drawing, ignore_errors=True)
+    written = [out / name for name, _ in plots]
+    for path in written:
+        print(f"wrote {path}")
     return written
 
 

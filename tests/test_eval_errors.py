@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.config import run_cli
 from data_fixtures import tiny_args
 from data_prep.sources import ArraySource
 from data_prep.writer import write_betons
+import eval.finetune as finetune
+import eval.linear as linear
 from eval.knn import main as knn_main
-from eval.linear import MIN_STEPS, main as linear_main, warn_if_few_steps
 from eval.report import write_report
 from train.pretrain import main as pretrain_main
 
@@ -87,16 +90,67 @@ def test_unwritable_output_is_refused_before_the_evaluation(betons, tmp_path, ca
         out = tmp_path / "file" / "knn.json"
     assert run_cli(knn_main, [*FAST, *_data(betons["train"], betons["test"]), f"--eval.out={out}"]) == 2
     err = capsys.readouterr().err
-    assert ("is a folder" if kind == "folder" else "cannot write the results to") in err and "Traceback" not in err
+    expected = f"{out} is a folder" if kind == "folder" else f"{tmp_path / 'file'} is a file, not a folder"
+    assert expected in err and len(err.splitlines()) == 1
+    if kind == "folder":
+        assert list(out.iterdir()) == []  # nothing written into it
+    else:
+        assert (tmp_path / "file").read_text() == "x"
 
 
-def test_linear_protocol_warns_when_it_gets_too_few_steps(betons, tmp_path):
-    assert not warn_if_few_steps(MIN_STEPS, 5000)
-    with pytest.warns(UserWarning, match=r"only 90 optimiser steps on 1437 images.*--linear.mode=cached"):
-        assert warn_if_few_steps(90, 1437)
-    with pytest.warns(UserWarning, match=r"only 3 optimiser steps on 96 images"):  # 96 images, one clamped batch
-        linear_main([*FAST, *_data(betons["train"], betons["test"]), "--linear.mode=cached", "--linear.epochs=3",
-                     f"--eval.out={tmp_path / 'linear.json'}"])
+@pytest.mark.parametrize("images, batch_size, epochs, mode, steps", [
+    (1437, 4096, 90, "augment", 90),  # the batch clamped to the set: one step an epoch
+    (1437, 4096, 90, "cached", 90),
+    (1437, 1000, 90, "augment", 90),  # augment drops the short last batch
+    (1437, 1000, 90, "cached", 180),
+    (5000, 4096, 90, "cached", 180),
+])
+def test_linear_protocol_warns_when_it_gets_too_few_steps(images, batch_size, epochs, mode, steps):
+    message = linear.too_few_steps(images, batch_size, epochs, mode)
+    assert message is not None and f"only {steps} optimiser steps" in message
+    for flag in ("--linear.mode=cached", "--linear.batch_size=256", "--linear.lr=1.0", "--linear.epochs="):
+        assert flag in message
+    # the advice it gives is itself enough
+    advised = int(message.split("--linear.epochs=")[1].split()[0])
+    assert linear.too_few_steps(images, 256, advised, "cached") is None
+
+
+@pytest.mark.parametrize("images, batch_size, epochs, mode", [
+    (50000, 4096, 90, "augment"),  # SimSiam's CIFAR-10 protocol: 1,080 steps
+    (1437, 256, 90, "cached"),  # 6 x 90 = 540
+    (1437, 1, 1, "augment"),
+])
+def test_linear_protocol_is_silent_with_enough_steps(images, batch_size, epochs, mode):
+    assert linear.too_few_steps(images, batch_size, epochs, mode) is None
+    assert linear.MIN_STEPS == 500
+
+
+def test_finetune_warns_when_it_gets_too_few_steps():
+    message = finetune.too_few_steps(1437, 512, 40)  # 2 full batches an epoch
+    assert message is not None and "only 80 optimiser steps" in message
+    assert "--finetune.batch_size=128" in message and "--finetune.epochs=" in message
+    assert finetune.too_few_steps(4000, 512, 40) is None  # the paper's 40-shot protocol: 7 x 40 = 280 steps
+    assert finetune.too_few_steps(1437, 128, 40) is None
+    small = finetune.too_few_steps(64, 16, 15)  # already a small batch: only more epochs are advised
+    assert "--finetune.batch_size=16 --finetune.epochs=50 (200 steps)" in small
+
+
+def test_the_linear_advice_never_asks_for_a_larger_batch():
+    assert "--linear.batch_size=64 --linear.lr=1.0 --linear.epochs=250 (500 steps" in linear.too_few_steps(96, 64, 3,
+                                                                                                         "cached")
+
+
+def test_a_real_small_run_warns_and_a_long_enough_one_does_not(betons, tmp_path):
+    data = _data(betons["train"], betons["test"])
+    with pytest.warns(UserWarning, match=r"only 3 optimiser steps \(3 epochs x 1 batch of 96, the batch clamped"):
+        linear.main([*FAST, *data, "--linear.mode=cached", "--linear.epochs=3", f"--eval.out={tmp_path / 'a.json'}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        linear.main([*FAST, *data, "--linear.mode=cached", "--linear.epochs=6", "--linear.batch_size=1",
+                     f"--eval.out={tmp_path / 'b.json'}"])  # 6 x 96 = 576 steps
+    assert not [w for w in caught if "optimiser steps" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"fine-tuning gets only 1 optimiser steps"):
+        finetune.main([*FAST, *data, "--finetune.epochs=1", f"--eval.out={tmp_path / 'c.json'}"])
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +160,59 @@ def run_dir(betons, tmp_path_factory) -> Path:
     return folder
 
 
-def test_report_checks_its_inputs_before_drawing(run_dir, tmp_path, capsys):
+def _break(run_dir: Path, tmp_path: Path, what: str) -> tuple[Path, list[str], str]:
+    """A copy of ``run_dir`` with one bad input; the report's argv and the name its error must give."""
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
-    (broken / "checkpoints" / "last.pt").write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
-    import torch
+    argv = [str(broken)]
+    if what in ("test_beton", "train_beton"):
+        checkpoint = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)
+        checkpoint["config"]["data"][what] = str(tmp_path / f"missing_{what}.beton")
+        torch.save(checkpoint, broken / "checkpoints" / "last.pt")
+        return broken, argv, f"missing_{what}.beton"
+    if what == "baseline":
+        return broken, [*argv, "--baseline", str(tmp_path / "no_baseline")], "no_baseline"
+    if what == "results":
+        (broken / "eval_knn.json").write_text('{"top1": 0.5')
+        return broken, argv, "eval_knn.json"
+    shutil.rmtree(broken)  # no run directory at all
+    return broken, argv, "log.jsonl not found"
 
-    checkpoint = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)
-    checkpoint["config"]["data"]["test_beton"] = str(tmp_path / "missing.beton")
-    torch.save(checkpoint, broken / "checkpoints" / "last.pt")
-    from eval.report import main as report_main
 
-    assert run_cli(report_main, [str(broken)]) == 2
-    assert "missing.beton" in capsys.readouterr().err
-    assert not (broken / "report").exists()  # nothing drawn
+@pytest.mark.parametrize("what", ["test_beton", "train_beton", "baseline", "results", "run_dir"])
+def test_report_checks_its_inputs_before_drawing(run_dir, tmp_path, capsys, monkeypatch, what):
+    import eval.report as report
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("a plot was drawn although an input is missing")
+
+    for name in ("plot_losses", "plot_lr_throughput", "plot_knn", "plot_health"):
+        monkeypatch.setattr(report, name, no_drawing)
+    broken, argv, named = _break(run_dir, tmp_path, what)
+    assert run_cli(report.main, argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.splitlines()) == 1
+    assert not (broken / "report").exists()
+
+
+def test_a_plot_that_fails_leaves_the_previous_report_as_it_was(run_dir, tmp_path, monkeypatch):
+    import eval.report as report
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "report").mkdir()
+    (copy / "report" / "losses.png").write_bytes(b"the previous report")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(report, "plot_results", failing)  # the last plot
+    (copy / "eval_knn.json").write_text(json.dumps({"protocol": "knn", "top1": 0.5}))
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        report.write_report(copy)
+    assert [p.name for p in (copy / "report").iterdir()] == ["losses.png"]  # no new plot
+    assert (copy / "report" / "losses.png").read_bytes() == b"the previous report"
+    assert not list(copy.glob(".report.*"))  # the drawing folder is gone
 
 
 def test_report_reads_a_log_with_a_torn_last_line(run_dir, tmp_path):
