@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from data_prep.sources import (DataError, load_cifar, load_folder, load_miniimagenet, load_synthetic,
-                               n_shot_indices)
+from data_prep.sources import (DataError, load_cifar, load_file_list, load_folder, load_miniimagenet,
+                               load_synthetic, n_shot_indices)
 from data_prep.writer import WriteResult, check_out_dir, describe, write_betons
 
 DEFAULT_RAW_ROOT = Path("data") / "raw"
@@ -22,15 +22,22 @@ def beton_paths(out_dir: str | Path, dataset: str, shots: int = 0) -> dict[str, 
 
 def load_dataset(dataset: str, root: str | Path = "", *, download: bool = True, seed: int = 0,
                  max_resolution: int = 256, mini_test_per_class: int = 100, synthetic_train: int = 5000,
-                 synthetic_test: int = 1000, synthetic_size: int = 32):
-    """The ``(train, test)`` sources of ``dataset`` (see :mod:`data_prep.sources`)."""
+                 synthetic_test: int = 1000, synthetic_size: int = 32, unlabelled: bool = False, file_list: str = ""):
+    """The ``(train, test)`` sources of ``dataset`` (see :mod:`data_prep.sources`); test is None for
+    unlabelled images (``folder`` without class folders or with ``unlabelled``, or a ``file_list``)."""
+    if file_list:
+        if dataset != "folder":
+            raise DataError("--data.file_list goes with --data.dataset=folder")
+        return load_file_list(file_list, max_resolution)
+    if unlabelled and dataset != "folder":
+        raise DataError("--data.unlabelled goes with --data.dataset=folder")
     root = Path(root) if str(root) else DEFAULT_RAW_ROOT / dataset
     if dataset in ("cifar10", "cifar100"):
         return load_cifar(dataset, root, download=download)
     if dataset == "miniimagenet":
         return load_miniimagenet(root, mini_test_per_class)
     if dataset == "folder":
-        return load_folder(root, max_resolution)
+        return load_folder(root, max_resolution, unlabelled)
     if dataset == "synthetic":
         return load_synthetic(synthetic_train, synthetic_test, synthetic_size, seed)
     raise DataError(f"unknown dataset {dataset!r}")
@@ -45,9 +52,14 @@ def convert(dataset: str, root: str | Path = "", out_dir: str | Path = "data", *
     check_out_dir(out_dir)  # before any loading, which can take long
     train, test = load_dataset(dataset, root, seed=seed, **source_options)
     paths = beton_paths(out_dir, dataset, shots)
-    splits = {paths["train"]: train, paths["test"]: test}
+    splits = {paths["train"]: train} if test is None else {paths["train"]: train, paths["test"]: test}
+    if shots and test is None:
+        raise DataError("--data.shots needs labelled images: these have no classes")
     if shots:
         splits[paths["shots"]] = train.subset(n_shot_indices(train.labels, shots, seed))
     results = write_betons(splits, write_mode=write_mode, jpeg_quality=jpeg_quality, num_workers=num_workers)
     print(describe(results, len(train.classes), time.perf_counter() - start), flush=True)
+    if test is None:
+        print(f"unlabelled images: only {paths['train']} is written; pretrain with --run.knn_every=0 "
+              "(the kNN monitor and the probe need labels)", flush=True)
     return results

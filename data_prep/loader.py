@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from data_prep.sources import DataError
+from data_prep.sources import UNLABELLED, DataError
 
 REQUIRED_FIELDS = ("image", "label")
 
@@ -50,7 +50,12 @@ class BetonInfo:
 
     @property
     def num_classes(self) -> int:
+        """Classes of a labelled beton; 0 for an unlabelled one."""
         return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
 
     @property
     def fixed_size(self) -> tuple[int, int] | None:
@@ -113,7 +118,7 @@ def inspect_beton(path: str | Path) -> BetonInfo:
     image_meta = columns["image"]
     sizes = sorted(set(zip(image_meta["height"].tolist(), image_meta["width"].tolist())))
     labels = np.asarray(columns["label"], dtype=np.int64).copy()
-    if len(labels) and labels.min() < 0:
+    if len(labels) and labels.min() < 0 and not (labels == UNLABELLED).all():
         raise BetonError(f"{path} has negative labels ({int((labels < 0).sum())} of {len(labels)}, down to "
                          f"{int(labels.min())}); labels must be class indices 0, 1, ...")
     return BetonInfo(path, int(reader.num_samples), tuple(reader.field_names), tuple(sizes), labels)

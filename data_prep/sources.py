@@ -413,18 +413,67 @@ def _check_images(paths: list[str]) -> None:
             raise DataError(f"cannot read image {path}: {error}") from None
 
 
-def load_folder(root: str | Path, max_resolution: int = 256) -> tuple[FileSource, FileSource]:
-    """ImageFolder layout: ``root/{train,test}/<class>/<image>``; class names from train/, sorted."""
+UNLABELLED = -1
+"""The label of every image of an unlabelled dataset (pretraining only: no kNN monitor, no probe)."""
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Every image under ``folder``, sorted; links to folders are not followed."""
+    paths = [os.path.join(dirpath, name) for dirpath, _, names in sorted(os.walk(folder, followlinks=False))
+             for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    if not paths:
+        raise DataError(f"{folder} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def _has_class_folders(folder: Path) -> bool:
+    """Class folders and no loose images: an ImageFolder split (loose images make it unlabelled)."""
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    loose = any(entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in entries)
+    return not loose and any(entry.is_dir() for entry in entries)
+
+
+def load_folder(root: str | Path, max_resolution: int = 256,
+                unlabelled: bool = False) -> tuple[FileSource, FileSource | None]:
+    """ImageFolder layout: ``root/{train,test}/<class>/<image>``; class names from train/, sorted.
+
+    Unlabelled images (label :data:`UNLABELLED`, no test split): ``unlabelled=True``, or a folder
+    holding images itself rather than class folders (``root/train/<image>`` or ``root/<image>``),
+    searched recursively.
+    """
     root = Path(root)
     if max_resolution < 0:
         raise DataError(f"--data.max_resolution must be >= 0 (0 = keep the stored size), got {max_resolution}")
     if not root.is_dir():
         raise DataError(f"folder dataset root {root} does not exist")
+    images = root / "train" if (root / "train").is_dir() else root
+    if unlabelled or not _has_class_folders(images):
+        return unlabelled_source(_image_files(images), max_resolution), None
     train_paths, train_labels, classes = _scan_split(root / "train", None)
     test_paths, test_labels, _ = _scan_split(root / "test", classes)
     _check_images(train_paths + test_paths)
     return (FileSource(train_paths, np.array(train_labels), classes, max_side_bound=max_resolution),
             FileSource(test_paths, np.array(test_labels), classes, max_side_bound=max_resolution))
+
+
+def unlabelled_source(paths: list[str], max_resolution: int = 256) -> FileSource:
+    """Image files as one unlabelled split (each checked readable first)."""
+    _check_images(paths)
+    return FileSource(paths, np.full(len(paths), UNLABELLED, dtype=np.int64), (), max_side_bound=max_resolution)
+
+
+def load_file_list(list_file: str | Path, max_resolution: int = 256) -> tuple[FileSource, None]:
+    """A text file naming one image per line (relative to the file's folder, or absolute): unlabelled."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"--data.file_list={list_file} does not exist")
+    names = [line.strip() for line in list_file.read_text(errors="replace").splitlines()]
+    paths = [str(name if Path(name).is_absolute() else list_file.parent / name) for name in names if name]
+    missing = [path for path in paths if not Path(path).is_file()]
+    if not paths or missing:
+        raise DataError(f"{list_file} names no images" if not paths else
+                        f"{list_file} names {len(missing)} missing file(s), e.g. {missing[0]}")
+    return unlabelled_source(paths, max_resolution), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_prep.convert import convert  # noqa: E402
 from core.config import parse_config, run_cli  # noqa: E402
+from data_prep.convert import convert  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_mode=data["write_mode"], jpeg_quality=data["jpeg_quality"], num_workers=data["num_workers"],
         download=bool(data["download"]), max_resolution=data["max_resolution"],
         mini_test_per_class=data["mini_test_per_class"], synthetic_train=data["synthetic_train"],
-        synthetic_test=data["synthetic_test"], synthetic_size=data["synthetic_size"])
+        synthetic_test=data["synthetic_test"], synthetic_size=data["synthetic_size"],
+        unlabelled=bool(data["unlabelled"]), file_list=data["file_list"])
     return {str(result.path): result.num_images for result in results}
 
 

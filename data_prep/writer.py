@@ -39,7 +39,7 @@ import numpy as np
 
 from core.io import open_mode
 from core.progress import progress_bar
-from data_prep.sources import DataError, Source
+from data_prep.sources import UNLABELLED, DataError, Source
 
 RAW_MAX_SIDE = 32
 SMART_THRESHOLD = 3 * 64 * 64  # bytes: 'smart' stores images above 64x64 as JPEG
@@ -98,12 +98,18 @@ class WriteResult:
     size_bytes: int
 
 
+def _count_classes(labels) -> int:
+    labels = np.asarray(labels)
+    return len(np.unique(labels[labels >= 0]))  # an unlabelled split has none
+
+
 def _validate(source: Source, path: Path) -> None:
     if len(source) == 0:
         raise DataError(f"nothing to write to {path}: the split is empty")
     labels = np.asarray(source.labels)
-    if labels.min() < 0:
-        raise DataError(f"negative label {labels.min()} in the data for {path}")
+    if labels.min() < 0 and not (labels == UNLABELLED).all():
+        raise DataError(f"negative label {labels.min()} in the data for {path} (only a wholly unlabelled split "
+                        f"uses {UNLABELLED})")
     if path.is_dir():
         raise DataError(f"{path} is a folder; a beton cannot be written there")
 
@@ -387,7 +393,7 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
                     os.replace(temporary, path)
                 except OSError as error:
                     raise DataError(f"cannot move {temporary.name} to {path}: {error.strerror or error}") from None
-        return [WriteResult(path, len(source), len(np.unique(source.labels)), path.stat().st_size)
+        return [WriteResult(path, len(source), _count_classes(source.labels), path.stat().st_size)
                 for path, source in splits.items()]
 
 

@@ -91,7 +91,7 @@ def validate_config(config: dict, check_files: bool = True) -> None:
         raise ConfigError("; ".join(problems))
     if check_files:
         train_info = inspect_beton(config["data"]["train_beton"])
-        if run["knn_every"]:
+        if run["knn_every"] and train_info.labelled:  # unlabelled data: no monitor (see _setup)
             inspect_beton(config["data"]["test_beton"])
         if cfg["image_size"] == 0 and train_info.fixed_size is None:
             raise ConfigError(f"{train_info.path} holds images of several sizes: set cfg.image_size")
@@ -389,7 +389,9 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
         check_compatible(resume, config, RunDir(run["dir"]).last_checkpoint, steps_per_epoch)
     parts = build_training(cfg, run, device, image_size, world, resume, num_classes=info.num_classes)
     knn_loaders = None
-    if rank == 0 and run["knn_every"]:
+    if rank == 0 and not info.labelled and (run["knn_every"] or run["probe"]):
+        print(f"{data['train_beton']} is unlabelled: the kNN monitor and the online probe are off", flush=True)
+    if rank == 0 and run["knn_every"] and info.labelled:
         knn_loaders = tuple(BetonLoader(path, KNN_BATCH[device.type], train=False, device=device, num_workers=data["num_workers"],
                                         image_size=image_size) for path in (data["train_beton"], data["test_beton"]))
     state = _Run(config, rank, world, device, loader, parts, knn_loaders, steps_per_epoch,
