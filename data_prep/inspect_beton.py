@@ -12,8 +12,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 from core.config import UserError, run_cli  # noqa: E402
+from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 
 
 def summarise(path: str, batch_size: int = 256) -> dict:
