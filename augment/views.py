@@ -84,9 +84,10 @@ NORM_STATS: dict[str, tuple[RGB, RGB]] = {
 """Per-channel (mean, std) of pixel values in [0, 1], by dataset name."""
 
 
-def blur_kernel_size(size: int) -> int:
-    """Gaussian-blur kernel side for images of side ``size``: ~10 % of it, odd, at least 3."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+def blur_kernel_size(size: int, max_sigma: float = 2.0) -> int:
+    """Gaussian-blur kernel side for images of side ``size``: ~10 % of it (SimSiam's rule), odd, and
+    wide enough that the largest sigma is not truncated before ±3σ (13 px for σ = 2)."""
+    return max(int(0.1 * size) // 2 * 2 + 1, 2 * math.ceil(3 * max_sigma) + 1)
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,8 @@ class KViewAugment(nn.Module):
         self.K = int(K)
         self.flatten = bool(flatten)
         self.crop_mode = crop_mode
-        self.blur_kernel = (recipe.blur_kernel or blur_kernel_size(int(recipe.size))) if recipe.p_blur > 0 else None
+        self.blur_kernel = ((recipe.blur_kernel or blur_kernel_size(int(recipe.size), recipe.blur_sigma[1]))
+                            if recipe.p_blur > 0 else None)
         self.normalize = NormalizeImages(*recipe.mean_std, dtype=dtype)
 
     @property

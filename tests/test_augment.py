@@ -73,9 +73,10 @@ def test_imagenet_preset_size_and_blur() -> None:
     torch.manual_seed(1)
     aug = build_augmentation("imagenet", K=2)
     assert aug(_random_images(2, 96)).shape == (2, 2, 3, 84, 84)
-    assert aug.ops == ("crop", "flip", "jitter", "gray", "blur") and aug.blur_kernel == 9
+    assert aug.ops == ("crop", "flip", "jitter", "gray", "blur") and aug.blur_kernel == 13  # ±3σ at σ = 2
     assert build_augmentation("imagenet", K=1, size=64)(_random_images(2, 84)).shape == (1, 2, 3, 64, 64)
-    assert [blur_kernel_size(s) for s in (32, 84, 224)] == [3, 9, 23]
+    assert [blur_kernel_size(s) for s in (32, 84, 224)] == [13, 13, 23]
+    assert blur_kernel_size(84, max_sigma=1.0) == 9 and blur_kernel_size(84, max_sigma=2.0) >= 6 * 2.0 + 1
     assert PRESETS["imagenet"].mean_std == IMAGENET and PRESETS["cifar"].mean_std == CIFAR10
     cifar = build_augmentation("cifar", K=2)
     assert cifar.ops == ("crop", "flip", "jitter", "gray") and cifar.blur_kernel is None
