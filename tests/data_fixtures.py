@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +142,23 @@ def tiny_args(betons: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
             "--cfg.arch=test_resnet", "--cfg.batch_size=16", "--cfg.K=2", "--cfg.epochs=2", "--cfg.proj_dim=32",
             "--run.device=cpu", "--run.progress=0", "--run.knn_every=1", "--run.knn_k=10", "--run.compile=0",
             "--data.num_workers=1", "--run.log_every=2", *extra]
+
+
+PRETRAIN = Path(__file__).resolve().parents[1] / "train" / "pretrain.py"
+SCRIPT_ENV = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONUNBUFFERED": "1"}
+
+
+def start_pretraining(args: list[str], out: Path, env: dict[str, str] | None = None,
+                      wait: bool = True, timeout: float = 300) -> subprocess.Popen:
+    """``train/pretrain.py args`` in a subprocess writing stdout+stderr to ``out``.
+
+    With ``wait``, returns once the run says it is training (its signal handlers are installed).
+    """
+    with open(out, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(PRETRAIN), *args], cwd=PRETRAIN.parents[1],
+                                   env=env or SCRIPT_ENV, stdout=handle, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while wait and "training epochs" not in out.read_text():
+        assert process.poll() is None and time.time() < deadline, out.read_text()
+        time.sleep(0.05)
+    return process

@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from data_fixtures import tiny_args
+from data_fixtures import start_pretraining, tiny_args
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -32,24 +31,12 @@ def _stand_in_scontrol(folder: Path) -> tuple[dict[str, str], Path]:
     return env, record
 
 
-def _run_until_training(args: list[str], env: dict[str, str], out: Path) -> subprocess.Popen:
-    with open(out, "w") as handle:
-        process = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=REPO, env=env,
-                                   stdout=handle, stderr=subprocess.STDOUT)
-    deadline = time.time() + 200
-    while "training epochs" not in out.read_text():
-        assert process.poll() is None and time.time() < deadline, out.read_text()
-        time.sleep(0.05)
-    return process
-
-
-# SIGTERM takes the same path as SIGUSR1 (tests/test_failures.py covers its checkpoint and exit).
 @pytest.mark.parametrize("signum, requeued", [(signal.SIGUSR1, True), (signal.SIGINT, False)])
 def test_slurm_warning_signal_checkpoints_and_requeues_the_job(betons, tmp_path, signum, requeued):
     env, record = _stand_in_scontrol(tmp_path)
     args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=50")
     out = tmp_path / "out.txt"
-    process = _run_until_training(args, env, out)
+    process = start_pretraining(args, out, env)
     process.send_signal(signum)
     assert process.wait(timeout=200) == 0, out.read_text()
     text = out.read_text()

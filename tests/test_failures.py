@@ -19,28 +19,11 @@ import pytest
 import torch
 
 from core.config import run_cli
-from data_fixtures import tiny_args
+from data_fixtures import SCRIPT_ENV, start_pretraining, tiny_args
 from train.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONUNBUFFERED": "1"}
-
-
-def _start(args: list[str], out: Path) -> subprocess.Popen:
-    handle = open(out, "w")
-    process = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=REPO, env=ENV,
-                               stdout=handle, stderr=subprocess.STDOUT, text=True)
-    handle.close()
-    return process
-
-
-def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while text not in path.read_text():
-        assert process.poll() is None, path.read_text()
-        assert time.time() < deadline, path.read_text()
-        time.sleep(0.05)
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -50,10 +33,9 @@ def _log(run_dir: Path) -> list[dict]:
 def test_second_run_on_a_busy_run_dir_stops_at_once_and_a_killed_run_leaves_no_lock(betons, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.epochs=500")
-    first = _start(args, tmp_path / "first.txt")
-    _wait_for(tmp_path / "first.txt", "training epochs", first)
+    first = start_pretraining(args, tmp_path / "first.txt")
     second = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), *args, "--cfg.lr=0.01"], cwd=REPO,
-                            env=ENV, capture_output=True, text=True, timeout=120)
+                            env=SCRIPT_ENV, capture_output=True, text=True, timeout=120)
     assert first.poll() is None, (tmp_path / "first.txt").read_text()  # the first one is still training
     assert second.returncode == 2
     assert second.stderr.strip() == (f"error: {run_dir} is in use by another run (pid {first.pid}); wait for it to "
@@ -65,7 +47,8 @@ def test_second_run_on_a_busy_run_dir_stops_at_once_and_a_killed_run_leaves_no_l
     assert "lr: 0.01" not in (run_dir / "config.yaml").read_text()
 
     killed_dir = tmp_path / "killed"
-    killed = _start(tiny_args(betons, killed_dir, "--run.knn_every=0", "--cfg.epochs=200"), tmp_path / "killed.txt")
+    killed = start_pretraining(tiny_args(betons, killed_dir, "--run.knn_every=0", "--cfg.epochs=200"),
+                               tmp_path / "killed.txt", wait=False)
     deadline = time.time() + 120
     while not (killed_dir / "log.jsonl").exists() or not (killed_dir / "log.jsonl").read_text():
         assert time.time() < deadline and killed.poll() is None
@@ -168,8 +151,7 @@ def test_full_disk_during_a_checkpoint_names_the_problem_and_keeps_the_last_one(
 
 def _sigterm_once(index: int, betons: dict[str, Path], folder: Path) -> tuple[int, str]:
     run_dir, out = folder / f"run{index}", folder / f"out{index}.txt"
-    process = _start(tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.epochs=50"), out)
-    _wait_for(out, "training epochs", process)
+    process = start_pretraining(tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.epochs=50"), out)
     time.sleep(0.05 * (index % 5))  # land in different places of the step and of ffcv's pipeline
     process.send_signal(signal.SIGTERM)
     return process.wait(timeout=300), out.read_text()

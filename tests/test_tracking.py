@@ -1,11 +1,7 @@
 """Live tracking: TensorBoard event files read back after runs, signals and resumes; W&B offline."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.config import run_cli
-from data_fixtures import tiny_args
+from data_fixtures import start_pretraining, tiny_args
 from train.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.timeout(300)
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_TAGS = ("train/loss", "train/tv", "train/entropy", "train/rank", "train/lr", "train/images_per_s")
 
 
@@ -35,14 +30,7 @@ def _steps(events: EventAccumulator, tag: str) -> list[int]:
 def test_every_step_logged_once_across_a_sigterm_and_a_resume(betons, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out.txt"
     args = tiny_args(betons, run_dir, "--run.knn_every=2", "--run.log_every=1")  # 2 epochs of 6 steps
-    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "PYTHONUNBUFFERED": "1"}
-    with open(out, "w") as handle:
-        process = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=REPO, env=env,
-                                   stdout=handle, stderr=subprocess.STDOUT)
-    deadline = time.time() + 200
-    while "training epochs" not in out.read_text():
-        assert process.poll() is None and time.time() < deadline, out.read_text()
-        time.sleep(0.05)
+    process = start_pretraining(args, out)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=200) == 0, out.read_text()
     assert "stopped in epoch" in out.read_text()
