@@ -131,6 +131,8 @@ def _declare(config: Config) -> None:
         out_dir=Param(Text(), "where write_beton.py puts <dataset>_{train,test}.beton", default="data"),
         download=Param(Flag(), "cifar10/100: download when missing and online (0/1)", default=1),
         shots=Param(Int(0), "also write <dataset>_train_<N>shot.beton with N labelled images per class (0 = no)", default=0),
+        shots_file=Param(Text(), "also write <dataset>_train_<file stem>.beton with the training images this file names "
+                         "(one index or file name per line; README 'Fixed labelled splits')", default=""),
         seed=Param(Int(0), "seed of the synthetic data and of the N-shot selection", default=0),
         write_mode=Param(Choice(WRITE_MODES), "storage of images larger than 32 px (<=32 px is always raw)", default="raw"),
         jpeg_quality=Param(Int(1, 100), "JPEG quality for write_mode jpg/smart", default=90),

@@ -500,3 +500,44 @@ def n_shot_indices(labels: np.ndarray, shots: int, seed: int = 0) -> np.ndarray:
             raise DataError(f"class {label} has only {len(members)} training images, fewer than --data.shots={shots}")
         chosen.append(rng.choice(members, size=shots, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def shots_file_indices(source, path: str | Path) -> np.ndarray:
+    """Sorted training indices named by a split file (e.g. the published 40-shot split).
+
+    One entry per line: an index into the training split (0-based, in the order this project reads
+    it: sorted class folders, each walked in sorted order) or an image file name, either its base name
+    (``n0153282900000005.jpg``) or its path relative to anything above it (``cat/0001.jpg``).
+    Blank lines and lines starting with ``#`` are ignored. Raises :class:`DataError` naming the
+    first unknown, ambiguous, out-of-range or repeated entry.
+    """
+    path = Path(path)
+    entries = [(number, line.strip()) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)]
+    entries = [(number, entry) for number, entry in entries if entry and not entry.startswith("#")]
+    if not entries:
+        raise DataError(f"--data.shots_file {path} names no images")
+    names = [Path(name).as_posix() for name in getattr(source, "paths", [])]
+    by_base: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        by_base.setdefault(name.rsplit("/", 1)[-1], []).append(index)
+    chosen: dict[int, int] = {}
+    for number, entry in entries:
+        where = f"{path}:{number}"
+        if entry.isdigit():
+            index = int(entry)
+            if index >= len(source):
+                raise DataError(f"{where}: index {index} is out of range (the training split has {len(source)} images)")
+        else:
+            if not names:
+                raise DataError(f"{where}: {entry!r} is a file name, but this dataset's images have none; use indices")
+            wanted = entry.replace("\\", "/").removeprefix("./")
+            matches = [i for i in by_base.get(wanted.rsplit("/", 1)[-1], [])
+                       if names[i] == wanted or names[i].endswith("/" + wanted)]
+            if len(matches) != 1:
+                raise DataError(f"{where}: {entry!r} " + ("matches no training image" if not matches else
+                                f"matches {len(matches)} training images; give more of its path"))
+            index = matches[0]
+        if index in chosen:
+            raise DataError(f"{where}: {entry!r} names the same image as line {chosen[index]}")
+        chosen[index] = number
+    return np.array(sorted(chosen), dtype=np.int64)

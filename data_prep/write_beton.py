@@ -4,6 +4,7 @@
     python data_prep/write_beton.py --data.dataset=synthetic         # offline demo data
     python data_prep/write_beton.py --data.dataset=cifar100 --data.root=~/cifar-100-python.tar.gz
     python data_prep/write_beton.py --data.dataset=miniimagenet --data.root=PATH --data.shots=40
+    python data_prep/write_beton.py --data.dataset=miniimagenet --data.root=PATH --data.shots_file=split.txt
     python data_prep/write_beton.py --data.dataset=folder --data.root=PATH   # PATH/{train,test}/<class>/*
 
 ``--help`` lists every parameter.
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = parse_config(argv, __doc__, ["data"])["data"]
     results = convert(
         data["dataset"], data["root"], data["out_dir"], shots=data["shots"], seed=data["seed"],
+        shots_file=data["shots_file"],
         write_mode=data["write_mode"], jpeg_quality=data["jpeg_quality"], num_workers=data["num_workers"],
         download=bool(data["download"]), max_resolution=data["max_resolution"],
         mini_test_per_class=data["mini_test_per_class"], synthetic_train=data["synthetic_train"],

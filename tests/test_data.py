@@ -18,7 +18,7 @@ import torch
 from data_fixtures import (MINI_CLASSES, decode_index, index_images, make_cifar10, make_cifar100, make_folder,
                            make_mini_csv, make_mini_pickles)
 from data_prep.loader import BetonError, BetonLoader, inspect_beton
-from data_prep.sources import ArraySource, DataError, load_synthetic, n_shot_indices
+from data_prep.sources import ArraySource, DataError, load_folder, load_synthetic, n_shot_indices, shots_file_indices
 from data_prep.synthetic import make_synthetic
 from data_prep.write_beton import main as write_main
 from data_prep.writer import write_betons
@@ -170,6 +170,49 @@ def test_n_shot_beton_has_n_per_class_and_is_deterministic(tmp_path):
     assert not np.array_equal(chosen, n_shot_indices(labels, 4, seed=2))
     with pytest.raises(DataError, match="fewer than --data.shots=11"):
         n_shot_indices(labels, 11)
+
+
+def test_shots_file_writes_exactly_the_images_it_names(tmp_path):
+    make_folder(tmp_path / "raw")  # train: cat/a_rgb.png cat/b_gray.png dog/c_rgba.png dog/d_palette.gif dog/e_large.jpg
+    split = tmp_path / "hu2021_split.txt"
+    split.write_text("# a fixed labelled split\na_rgb.png\n\ndog/c_rgba.png\n4\n")
+    written = write_main(["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path / 'out'}",
+                          f"--data.shots_file={split}", "--data.num_workers=1", "--data.max_resolution=64"])
+    shots_path = tmp_path / "out" / "folder_train_hu2021_split.beton"
+    assert written[str(shots_path)] == 3
+    shot_images, shot_labels = read_all(shots_path, image_size=16)
+    all_images, all_labels = read_all(tmp_path / "out" / "folder_train.beton", image_size=16)
+    np.testing.assert_array_equal(shot_labels, all_labels[[0, 2, 4]])  # cat, dog, dog
+    np.testing.assert_array_equal(shot_images, all_images[[0, 2, 4]])
+
+
+def test_shots_file_errors_name_the_line(tmp_path):
+    make_folder(tmp_path / "raw")
+    train, _ = load_folder(tmp_path / "raw", 64)
+    cases = {"zebra.png\n": r":1: 'zebra.png' matches no training image", "1\n5\n": r":2: index 5 is out of range",
+             "b_gray.png\ncat/b_gray.png\n": r":2: 'cat/b_gray.png' names the same image as line 1",
+             "# only a comment\n": "names no images"}
+    for number, (text, message) in enumerate(cases.items()):
+        split = tmp_path / f"split{number}.txt"
+        split.write_text(text)
+        with pytest.raises(DataError, match=message):
+            shots_file_indices(train, split)
+    (tmp_path / "raw" / "train" / "dog" / "sub").mkdir()
+    (tmp_path / "raw" / "train" / "dog" / "sub" / "a_rgb.png").write_bytes((tmp_path / "raw" / "train" / "cat" / "a_rgb.png").read_bytes())
+    split.write_text("a_rgb.png\n")
+    with pytest.raises(DataError, match="matches 2 training images; give more of its path"):
+        shots_file_indices(load_folder(tmp_path / "raw", 64)[0], split)
+    split.write_text("dog/sub/a_rgb.png\n")  # after dog/c, dog/d, dog/e in the walk
+    np.testing.assert_array_equal(shots_file_indices(load_folder(tmp_path / "raw", 64)[0], split), [5])
+    arrays = ArraySource(np.zeros((3, 4, 4, 3), np.uint8), np.arange(3), ("a", "b", "c"))
+    with pytest.raises(DataError, match="images have none; use indices"):
+        shots_file_indices(arrays, split)
+    out = tmp_path / "out"
+    for args, message in ([f"--data.shots_file={split}", "--data.shots=2"], "not both"), \
+                         ([f"--data.shots_file={tmp_path / 'missing.txt'}"], "does not exist"):
+        assert run_cli(write_main, ["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={out}",
+                                    *args]) == 2
+        assert not out.exists() or not any(out.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- loader
