@@ -3,8 +3,9 @@
 :class:`BetonLoader` wraps an FFCV ``Loader`` in one of two modes:
 
 * ``train=True``: random order (seeded by ``seed + epoch``, so an epoch's order is reproducible,
-  also after a resume: :meth:`BetonLoader.set_epoch`), ``drop_last``, and distributed (each
-  rank a disjoint shard) when ``torch.distributed`` is initialised;
+  also after a resume: :meth:`BetonLoader.set_epoch`), ``drop_last`` (unless ``drop_last=False``,
+  which the evaluation protocols use), and distributed (each rank a disjoint shard) when
+  ``torch.distributed`` is initialised;
 * ``train=False``: sequential order, every sample exactly once (the last batch may be short).
 
 It yields :class:`Batch` ``(images, labels)``: ``images`` uint8 (B, 3, H, W) with channels-last
@@ -141,17 +142,20 @@ class BetonLoader:
         image_size: decode to ``image_size`` x ``image_size`` (centre crop + resize). Needed when the
             stored images differ in size; ``None`` keeps the stored size.
         distributed: shard across ranks; ``None`` = when training and torch.distributed is initialised.
+        drop_last: drop the last, incomplete batch; ``None`` = when training. The evaluation
+            protocols pass ``train=True, drop_last=False``: random order, every image each epoch.
     """
 
     def __init__(self, path: str | Path, batch_size: int, *, train: bool, device: str | torch.device = "cpu",
                  num_workers: int = 0, seed: int = 0, image_size: int | None = None,
-                 distributed: bool | None = None, batches_ahead: int = 3):
+                 distributed: bool | None = None, drop_last: bool | None = None, batches_ahead: int = 3):
         self.info = inspect_beton(path)
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         self.device = torch.device(device)
         self.train = train
         self.distributed = (train and _distributed()) if distributed is None else distributed
+        self.drop_last = train if drop_last is None else drop_last
         stored = self.info.fixed_size
         if image_size is None and stored is None:
             raise BetonError(f"{path} holds images of several sizes ({len(self.info.image_sizes)} distinct); "
@@ -181,11 +185,11 @@ class BetonLoader:
         self.batch_size = batch_size
         self._loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers if num_workers > 0 else (os.cpu_count() or 1),
-            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train,
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=self.drop_last,
             distributed=self.distributed, seed=seed, pipelines=pipelines, batches_ahead=batches_ahead)
         if len(self._loader) == 0:
             raise DataError(f"batch size {batch_size} is larger than the {self.info.num_samples} images of {path} "
-                            "(training drops incomplete batches)")
+                            "(this loader drops incomplete batches)")
 
     @property
     def num_samples(self) -> int:

@@ -47,6 +47,8 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:
+            if len(batch.images) < 2:  # a last batch of one image: BatchNorm cannot train on it
+                continue
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, group["base_lr"])
             views = augment(batch.images)
@@ -63,8 +65,8 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
     return head
 
 
-# The paper's 40-shot Mini-ImageNet protocol (4,000 images, batch 512, 40 epochs) takes 7 x 40 = 280
-# SGD steps; the new head starts from scratch at lr 0.1 x B/256 and needs a few hundred of them.
+# The paper's 40-shot Mini-ImageNet protocol (4,000 images, batch 512, 40 epochs) takes 8 x 40 = 320
+# SGD steps (every image each epoch: the eighth batch has 416); the new head starts from scratch at lr 0.1 x B/256 and needs a few hundred of them.
 MIN_STEPS = 200
 SMALL_SET_BATCH = 128
 
@@ -72,20 +74,22 @@ SMALL_SET_BATCH = 128
 def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
     """The warning when fine-tuning gets fewer than :data:`MIN_STEPS` optimiser steps, else None.
 
-    ``batch_size`` is the one asked for (it is clamped to ``images``; only full batches are used).
+    ``batch_size`` is the one asked for (it is clamped to ``images``; every image is used each
+    epoch, the last batch may be short).
     """
     if images <= 0:
         return None
     batch = min(batch_size, images)
-    first = few_steps_message("fine-tuning", images, batch, images // batch, epochs, MIN_STEPS)
+    first = few_steps_message("fine-tuning", images, batch, -(-images // batch), epochs, MIN_STEPS)
     if first is None:
         return None
     small = min(SMALL_SET_BATCH, batch)  # never a larger batch than the one asked for
-    small_epochs = max(epochs, -(-MIN_STEPS // (images // small)))
+    small_per_epoch = -(-images // small)
+    small_epochs = max(epochs, -(-MIN_STEPS // small_per_epoch))
     return (f"{first} usually leave the new linear head far from converged (the paper's 40-shot protocol takes "
-            f"280). Use a smaller --finetune.batch_size (the learning rates scale with it) or more "
+            f"320). Use a smaller --finetune.batch_size (the learning rates scale with it) or more "
             f"--finetune.epochs, e.g. --finetune.batch_size={small} --finetune.epochs={small_epochs} "
-            f"({small_epochs * (images // small)} steps)")
+            f"({small_epochs * small_per_epoch} steps)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.warn(warning)
     batch_size = min(tune["batch_size"], train_info.num_samples)
     scale = batch_size / 256
-    loader = BetonLoader(data["train_beton"], batch_size, train=True, device=setup.device,
+    loader = BetonLoader(data["train_beton"], batch_size, train=True, drop_last=False, device=setup.device,
                          num_workers=data["num_workers"], seed=config["cfg"]["seed"], image_size=setup.image_size)
     test_loader = setup.eval_loader(data["test_beton"], evaluation["batch_size"], data["num_workers"])
     num_classes = max(train_info.num_classes, test_loader.info.num_classes)

@@ -247,6 +247,15 @@ def test_train_mode_reshuffles_each_epoch_reproducibly(indexed_beton):
     assert not np.array_equal(order(other_seed), first)
 
 
+def test_train_mode_without_drop_last_yields_every_sample_each_epoch(indexed_beton):
+    loader = BetonLoader(indexed_beton, 10, train=True, drop_last=False, num_workers=1, seed=3)
+    assert len(loader) == 11
+    epochs = [np.concatenate([decode_index(b.images.numpy()) for b in loader]) for _ in range(2)]
+    for seen in epochs:
+        np.testing.assert_array_equal(np.sort(seen), np.arange(103))
+    assert not np.array_equal(epochs[0], epochs[1])  # still shuffled
+
+
 def test_loader_restores_torch_threads(indexed_beton):
     torch.set_num_threads(2)
     loader = BetonLoader(indexed_beton, 10, train=True, num_workers=1)

@@ -48,6 +48,27 @@ def test_knn_linear_finetune_on_a_checkpoint_write_their_json(betons, run_dir):
     assert outcomes["finetune"]["labelled_images"] == 96
 
 
+@pytest.mark.parametrize("protocol", ["linear", "finetune"])
+def test_protocols_train_on_every_labelled_image_each_epoch(betons, run_dir, tmp_path, monkeypatch, protocol):
+    """96 images at batch 40: two full batches and one of 16 each epoch, none dropped."""
+    import eval.finetune
+    import eval.linear
+    module, name = (eval.linear, "train_with_augmentation") if protocol == "linear" else (eval.finetune, "finetune")
+    original, seen = getattr(module, name), []
+
+    def counting(setup, *args, **kwargs):
+        hook = setup.backbone.register_forward_pre_hook(lambda _, inputs: seen.append(len(inputs[0])))
+        try:
+            return original(setup, *args, **kwargs)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(module, name, counting)
+    main = linear_main if protocol == "linear" else finetune_main
+    main([f"--eval.checkpoint={run_dir / 'checkpoints' / 'last.pt'}", *data_args(betons), *FAST,
+          f"--{protocol}.epochs=2", f"--{protocol}.batch_size=40", f"--eval.out={tmp_path / 'out.json'}"])
+    assert seen == [40, 40, 16] * 2
+
+
 @pytest.mark.parametrize("mode", ["cached", "augment"])
 def test_linear_reaches_100_percent_on_separable_classes(separable_betons, tmp_path, mode):
     results = linear_main(["--eval.checkpoint=random", "--cfg.arch=test_resnet", f"--linear.mode={mode}",
