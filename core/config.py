@@ -191,6 +191,9 @@ def _declare(config: Config) -> None:
         dry_run=Param(Flag(), "print the resolved config and exit (0/1)", default=0),
         progress=Param(Flag(), "progress bars (0/1)", default=1),
         probe=Param(Flag(), "online linear probe on detached backbone features, logged every epoch (0/1)", default=1),
+        health_images=Param(Int(0), "held-out images whose embeddings (eval mode) give the health figures every epoch: "
+                            "evenly spaced over the test beton (else the training beton); 0 = the last training "
+                            "batch's zbar", default=2048),
         logger=Param(Text(), "live tracking: tensorboard, wandb, both (tensorboard,wandb) or none", default="tensorboard"),
         wandb_project=Param(Text(), "W&B project (with run.logger=wandb)", default="simmer"),
         wandb_mode=Param(Choice(("online", "offline")), "W&B mode; offline needs no network (wandb sync uploads later)",

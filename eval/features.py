@@ -44,14 +44,31 @@ def extract_features(backbone: nn.Module, loader: BetonLoader, transform: nn.Mod
     batches = progress_bar(loader, progress, desc=desc, leave=False, unit="batch")
     try:
         for batch in batches:
-            images = transform(batch.images).contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
-                output = backbone(images)
-            features.append(output.float())
+            features.append(_embed(backbone, batch.images, transform, amp))
             labels.append(batch.labels.clone())  # loader batches are reused buffers
     finally:
         backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, images: torch.Tensor, transform: nn.Module, batch_size: int,
+                 amp: bool | None = None) -> torch.Tensor:
+    """``model`` (eval mode, restored afterwards) over uint8 ``images`` (N, 3, H, W) in batches: (N, F) float32."""
+    amp = images.device.type == "cuda" if amp is None else amp
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([_embed(model, images[start:start + batch_size], transform, amp)
+                          for start in range(0, len(images), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def _embed(model: nn.Module, images: torch.Tensor, transform: nn.Module, amp: bool) -> torch.Tensor:
+    images = transform(images).contiguous(memory_format=torch.channels_last)
+    with autocast_context(images.device, amp):
+        return model(images).float()
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ Writes into ``RUN_DIR/report/``:
 * ``losses.png``: the loss and its three parts (total variance, entropy, rank) per epoch;
 * ``knn.png``: kNN top-1 accuracy per epoch (and a random encoder's, when ``--baseline`` has it);
 * ``lr_throughput.png``: learning rate and images/s per epoch;
-* ``health.png``: zbar's per-dimension std, effective rank and nearest-neighbour distance;
+* ``health.png``: per-dimension std, effective rank and nearest-neighbour distance of the held-out
+  embeddings (``run.health_images``; the last training batch's zbar in older runs);
 * ``spectrum.png``: zbar's singular values on a test batch, trained encoder against a random one;
 * ``views.png``: a few test images above their K augmented views;
 * ``embeddings_tsne.png``: a t-SNE map of (up to 2,000) test-set backbone features, coloured by class;
@@ -133,9 +134,12 @@ def plot_lr_throughput(log: list[dict], out: Path) -> None:
 def plot_health(log: list[dict], out: Path) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    held_out = log[-1].get("health_images") if log else None
+    source = f"{held_out:,} held-out images, eval mode" if held_out else "last training batch's zbar"
+    figure.suptitle(f"health figures ({source})")
     for axis, (key, title, unit) in zip(axes, [
-            ("zbar_std", "zbar std per dimension (mean)", "std"),
-            ("zbar_effective_rank", "zbar effective rank", "exp(entropy of σ / Σσ)"),
+            ("zbar_std", "std per dimension (mean)", "std"),
+            ("zbar_effective_rank", "effective rank", "exp(entropy of σ / Σσ)"),
             ("zbar_nn_distance", "mean nearest-neighbour distance", "L2 distance")]):
         axis.plot(*_series(log, key), marker="o", markersize=3, color="tab:purple")
         collapsed = [line["epoch"] for line in log if line.get("collapsed")]

@@ -130,6 +130,38 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(betons, tmp_path):
         torch.testing.assert_close(_weights(tmp_path / "run")[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_health_figures_come_from_the_held_out_images_in_eval_mode(betons, tmp_path):
+    """RankMe's protocol: the figures are those of the final encoder on fixed test images, so the
+    effective rank is not bounded by the batch (4 here) as a training batch's zbar is."""
+    from augment import build_eval_transform, resolve_preset
+    from core.config import parse_config
+    from data_prep.loader import inspect_beton
+    from eval.features import embed_images
+    from train.checkpoint import load_checkpoint
+    from train.model import build_encoder_from_cfg
+    from train.trainer import health, held_out_images
+
+    args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=1", "--run.logger=none",
+                     "--cfg.proj_dim=64", "--run.health_images=40", "--cfg.batch_size=4")
+    pretrain_main(args)
+    line = read_log(tmp_path / "run")[-1]
+    config = parse_config(args, "", ("cfg", "data", "run"))
+    size = inspect_beton(betons["test"]).fixed_size[0]
+    images = held_out_images(config["data"], 40, size, torch.device("cpu"))
+    assert images.shape == (40, 3, size, size) and images.dtype == torch.uint8
+    encoder = build_encoder_from_cfg(config["cfg"], size)
+    encoder.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"])
+    expected = health(embed_images(encoder, images, build_eval_transform(resolve_preset("auto", size)), 512))
+    assert line["health_images"] == 40
+    for key in ("zbar_std", "zbar_effective_rank", "zbar_nn_distance"):
+        assert line[key] == pytest.approx(expected[key], rel=1e-4), key
+    assert line["zbar_effective_rank"] > 4  # more than a batch of 4 can show
+    pretrain_main(tiny_args(betons, tmp_path / "batch", "--run.knn_every=0", "--cfg.epochs=1", "--run.logger=none",
+                            "--cfg.proj_dim=64", "--run.health_images=0", "--cfg.batch_size=4"))
+    old_style = read_log(tmp_path / "batch")[-1]
+    assert "health_images" not in old_style and old_style["zbar_effective_rank"] <= 4
+
+
 def test_collapse_is_flagged_without_entropy_and_rank(betons, tmp_path):
     # lr 0.03, 40 epochs: over seeds 0-3, the collapsing run ends at 21-28 % of its peak effective
     # rank and the default at 59-66 % (the flag is at 40 %).

@@ -48,7 +48,7 @@ from core.io import append_jsonl, atomic_write, read_jsonl, write_jsonl
 from core.progress import progress_bar
 from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
-from eval.features import extract_features, knn_accuracy
+from eval.features import embed_images, extract_features, knn_accuracy
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.cluster import requeue, slurm_job_id
 from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
@@ -98,7 +98,10 @@ def validate_config(config: dict, check_files: bool = True) -> None:
 
 
 def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
-    """Collapse indicators of zbar (B, D): mean per-dimension std, effective rank, mean NN distance.
+    """Collapse indicators of embeddings (N, D): mean per-dimension std, effective rank, mean NN distance.
+
+    The run passes the held-out images' embeddings (``run.health_images``, eval mode), or the last
+    training batch's zbar when that is 0; the log keys keep the ``zbar_`` names either way.
 
     ``collapsed`` is a heuristic: the effective rank is below 2, or below 40 % of ``peak_rank`` (the
     highest effective rank the run has logged: dimensions are being lost), or the spread is ~0.
@@ -113,6 +116,31 @@ def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
     figures["collapsed"] = bool(rank < COLLAPSE_RANK or rank < COLLAPSE_RANK_DROP * peak_rank
                                 or figures["zbar_std"] < COLLAPSE_STD)
     return figures
+
+
+def held_out_images(data: dict, count: int, image_size: int, device: torch.device) -> torch.Tensor:
+    """The fixed images of the health figures: ``count`` evenly spaced images (all when fewer) of
+    ``data.test_beton``, or of the training beton when there is no test beton; uint8 on ``device``."""
+    path = data["test_beton"] if Path(data["test_beton"]).is_file() else data["train_beton"]
+    loader = BetonLoader(path, KNN_BATCH[device.type], train=False, device=device,
+                         num_workers=data["num_workers"], image_size=image_size)
+    chosen = np.unique(np.linspace(0, loader.num_samples - 1, min(count, loader.num_samples)).round().astype(np.int64))
+    kept, start = [], 0
+    for batch in loader:
+        inside = chosen[(chosen >= start) & (chosen < start + len(batch.images))] - start
+        kept.append(batch.images[torch.as_tensor(inside, device=device)].clone())  # batches are reused buffers
+        start += len(batch.images)
+    return torch.cat(kept)
+
+
+def _health_embeddings(state: _Run, result: _Epoch) -> torch.Tensor | None:
+    """What the epoch's health figures are computed on: the held-out images' z in eval mode
+    (RankMe's protocol: independent of the batch size), or the last training batch's zbar."""
+    if state.health_images is None:
+        return result.zbar
+    amp = state.parts.step.amp_dtype is not None
+    return embed_images(state.parts.encoder, state.health_images, state.parts.eval_transform,
+                        KNN_BATCH[state.device.type], amp=amp)
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -301,6 +329,7 @@ class _Run:
     skip_batches: int = 0  # steps of ``start_epoch`` done before a mid-epoch stop
     carried_sums: torch.Tensor | None = None  # that epoch's partial loss sums
     peak_rank: float = 0.0
+    health_images: torch.Tensor | None = None  # the held-out uint8 images of the health figures (rank 0)
     last_knn: float | None = None
     images_seen: int = 0
     interrupted: bool = False
@@ -396,6 +425,8 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
                                         image_size=image_size) for path in (data["train_beton"], data["test_beton"]))
     state = _Run(config, rank, world, device, loader, parts, knn_loaders, steps_per_epoch,
                  warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), cpu_estimate_due=device.type != "cuda")
+    if rank == 0 and run["health_images"]:
+        state.health_images = held_out_images(data, run["health_images"], image_size, device)
     if resume is not None:
         state.step, state.start_epoch = resume["step"], resume["epoch"]
         state.epochs_done = state.start_epoch
@@ -514,10 +545,13 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     line = {"epoch": epoch + 1, **dict(zip(PART_NAMES, means)), "lr": state.parts.optimizer.param_groups[0]["lr"],
             "images_per_s": result.images / max(result.seconds, 1e-9), "epoch_seconds": result.seconds,
             "step": state.step}
-    if result.zbar is not None:
-        line.update(health(result.zbar, state.peak_rank))
+    embeddings = _health_embeddings(state, result) if state.is_main else None
+    if embeddings is not None:
+        line.update(health(embeddings, state.peak_rank))
+        if state.health_images is not None:
+            line["health_images"] = len(embeddings)
         if state.tracker.active:
-            singular_values = torch.linalg.svdvals(result.zbar.detach().float()).cpu()
+            singular_values = torch.linalg.svdvals(embeddings.detach().float()).cpu()
             state.tracker.histogram("epoch/zbar_singular_values", singular_values, state.step)
         state.peak_rank = max(state.peak_rank, line["zbar_effective_rank"])
         if line["collapsed"] and state.is_main:
