@@ -8,7 +8,8 @@
 On a synthetic beton written for the purpose, with the trainer's own parts
 (:func:`train.trainer.build_training`), it measures the loader; the step eager and compiled, each
 split into its stages (augment, forward, loss, backward, optimiser; CUDA events on a GPU) and timed
-whole in steady state; the rank term's methods; one checkpoint (the blocking copy to the CPU and
+whole in steady state; the eager step again with the projector's last Linear + BatchNorm in bf16
+(``cfg.proj_fp32=0``), which prices the float32 tail; the rank term's methods; one checkpoint (the blocking copy to the CPU and
 the background write); the online probe's update; one kNN evaluation; the peak GPU memory. It projects the paper's run
 (``gpu.epochs`` epochs of ``gpu.train_images`` images) with compilation, checkpoints and the kNN
 monitor included, prints a table and writes every figure as JSON. About 3–5 minutes on one H100.
@@ -206,6 +207,12 @@ def run_check(options: dict) -> dict:
             if clock.cuda:
                 figures[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 torch.cuda.reset_peak_memory_stats(device)
+        # the projector's last Linear + BatchNorm in bf16 instead of float32 (cfg.proj_fp32=0): its cost
+        config = parse_config([*flags, "--run.compile=0", "--cfg.proj_fp32=0"], "", ("cfg", "run"))
+        torch.manual_seed(0)
+        rounded = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
+        figures["eager_proj_bf16"] = time_step(rounded.step, images, clock, options["steps"], options["warmup"])
+        del rounded
         figures["probe_ms"] = time_probe(parts.step, options["batch_size"], device, clock, options["steps"])
         figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
         figures["checkpoint"] = time_checkpoint(parts.step, parts.encoder, Path(folder))
@@ -245,6 +252,10 @@ def format_table(figures: dict) -> str:
             row(f"  {stage}", ms, per_batch=False)
         memory = f", peak memory {result['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in result else ""
         lines.append(f"  first step {result['cold_s']:.1f} s{memory}")
+    if "eager_proj_bf16" in figures:
+        tail = figures["eager"]["step_ms"] / figures["eager_proj_bf16"]["step_ms"] - 1
+        row("step, eager, projector tail in bf16", figures["eager_proj_bf16"]["step_ms"])
+        lines.append(f"  the float32 tail (cfg.proj_fp32=1) costs {tail:+.1%} of the eager step")
     step_ms = figures.get("compiled", figures["eager"])["step_ms"]
     row(f"online probe update ({figures['probe_ms'] / step_ms:.1%} of a step)", figures["probe_ms"], per_batch=False)
     for method, ms in figures["rank_term_ms"].items():

@@ -172,6 +172,8 @@ def _declare(config: Config) -> None:
         proj_dim=Param(Int(1), "projector output width D", default=2048),
         proj_layers=Param(Int(0), "projector layers (0 = 2 for ResNet-18/34, 3 otherwise)", default=0),
         proj_hidden=Param(Int(0), "projector hidden width (0 = the backbone's width)", default=0),
+        proj_fp32=Param(Flag(), "under AMP, run the projector's last Linear + BatchNorm in float32 so that z reaches "
+                        "the loss unrounded (0/1)", default=1),
         augment=Param(Choice(AUGMENT_PRESETS), "augmentation recipe: cifar, imagenet (adds blur), auto = by image size", default="auto"),
         image_size=Param(Int(0), "training crop side (0 = the stored image side)", default=0),
         seed=Param(Int(0), "seed of the weights, the data order and the augmentations", default=0),

@@ -25,6 +25,7 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     eager = written["eager"]
     assert list(eager["stages_ms"]) == list(STAGES) and all(_positive(ms) for ms in eager["stages_ms"].values())
     assert _positive(eager["step_ms"]) and _positive(eager["cold_s"]) and "compiled" not in written
+    assert _positive(written["eager_proj_bf16"]["step_ms"])  # prices the float32 projector tail
     assert _positive(written["loader_ms"]) and _positive(written["probe_ms"])
     assert set(written["rank_term_ms"]) and all(_positive(ms) for ms in written["rank_term_ms"].values())
     checkpoint = written["checkpoint"]
@@ -39,3 +40,4 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     assert projection["total_s"] == pytest.approx(sum(projection[k] for k in ("train_s", "compile_s", "checkpoints_s", "knn_s")))
     table = capsys.readouterr().out
     assert "step, eager (steady state)" in table and "projected run: 10 epochs x 10 steps" in table
+    assert "the float32 tail (cfg.proj_fp32=1) costs" in table

@@ -222,3 +222,25 @@ def test_maxpool_is_an_encoder_key_and_old_checkpoints_resume() -> None:
     check_compatible({"config": {"cfg": old, "run": {}, "data": {}}}, current, "old.pt")
     with pytest.raises(CheckpointError, match="cfg.maxpool: checkpoint -1 vs now 0"):
         check_compatible({"config": {"cfg": old, "run": {}, "data": {}}}, {**current, "cfg": cfg}, "old.pt")
+
+
+def test_projector_tail_runs_in_float32_under_autocast():
+    """z reaches the loss unrounded: the last Linear + BatchNorm see float32 under bf16 autocast."""
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", 32, proj_dim=64)
+    encoder.train()
+    x = torch.randn(2, 8, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = encoder.backbone(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+        z = encoder(x)
+        hidden = encoder.projector[:-2](features)
+    assert z.dtype == torch.float32 and hidden.dtype == torch.bfloat16
+    with torch.no_grad():
+        by_hand = encoder.projector[-2:](hidden.float()).reshape(2, 8, -1)  # float32 Linear + BN
+    torch.testing.assert_close(z, by_hand, rtol=1e-5, atol=1e-5)
+    encoder.fp32_tail = False
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = encoder(x)
+    assert rounded.dtype == torch.bfloat16  # the bf16 Linear rounds z
+    assert (rounded.float() - by_hand).abs().max() > 1e-3
+    assert set(build_encoder("resnet18", 32, proj_dim=64, fp32_tail=False).state_dict()) == set(encoder.state_dict())

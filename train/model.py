@@ -212,13 +212,16 @@ class SimMEREncoder(nn.Module):
     Attributes:
         backbone: timm model with ``num_classes=0``: (N, 3, H, W) -> (N, F).
         projector: MLP (N, F) -> (N, D).
+        fp32_tail: under autocast, run the projector's last Linear and BatchNorm in float32, so
+            that z reaches the (float32) loss unrounded; the weights and their keys are unchanged.
         num_features: F.  out_dim: D.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, projector: nn.Module, fp32_tail: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        self.fp32_tail = fp32_tail  # the projector's last Linear + BatchNorm in float32 under autocast
         self.num_features: int = int(getattr(backbone, "num_features"))
         last = [m for m in projector.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))][-1]
         self.out_dim: int = last.num_features if isinstance(last, nn.BatchNorm1d) else last.out_features
@@ -248,8 +251,22 @@ class SimMEREncoder(nn.Module):
         """
         x, lead = self._flat(x)
         features = self.backbone(x)
-        z = self.projector(features).reshape(*lead, -1)
+        z = self._project(features).reshape(*lead, -1)
         return (z, features.reshape(*lead, -1)) if return_features else z
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        device = features.device.type
+        if not (self.fp32_tail and torch.is_autocast_enabled(device)):
+            return self.projector(features)
+        layers = list(self.projector)
+        hidden = features
+        for layer in layers[:-2]:
+            hidden = layer(hidden)
+        with torch.autocast(device, enabled=False):
+            hidden = hidden.float()
+            for layer in layers[-2:]:
+                hidden = layer(hidden)
+        return hidden
 
 
 def build_encoder(
@@ -260,6 +277,7 @@ def build_encoder(
     proj_hidden: int | None = None,
     cifar_stem: bool | None = None,
     maxpool: bool | None = None,
+    fp32_tail: bool = True,
 ) -> SimMEREncoder:
     """The SimMER encoder for ``arch`` on images of side ``image_size``, in channels-last.
 
@@ -272,6 +290,7 @@ def build_encoder(
         proj_hidden: projector hidden width; None -> F (``backbone.num_features``).
         cifar_stem: force the stem choice; None -> :func:`use_cifar_stem`.
         maxpool: keep or remove the stem's max-pool; None -> as the stem decides.
+        fp32_tail: the projector's last Linear + BatchNorm in float32 under autocast.
 
     Raises:
         ValueError: unknown ``arch``; bad projector sizes; forced CIFAR stem on a non-ResNet.
@@ -281,16 +300,17 @@ def build_encoder(
     layers = default_projector_layers(arch) if proj_layers is None else proj_layers
     backbone = build_backbone(arch, stem, maxpool)
     projector = build_projector(backbone.num_features, proj_hidden, proj_dim, layers)
-    return SimMEREncoder(backbone, projector).to(memory_format=torch.channels_last)
+    return SimMEREncoder(backbone, projector, fp32_tail).to(memory_format=torch.channels_last)
 
 
 def build_encoder_from_cfg(cfg: dict, image_size: int) -> SimMEREncoder:
     """:func:`build_encoder` from a config's ``cfg`` section (keys ``arch``, ``proj_dim``,
-    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` and ``maxpool`` (-1 = automatic))."""
+    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` and ``maxpool`` (-1 = automatic),
+    ``proj_fp32``)."""
     stem, maxpool = cfg.get("cifar_stem", -1), cfg.get("maxpool", -1)
     return build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
                          proj_hidden=cfg["proj_hidden"] or None, cifar_stem=None if stem == -1 else bool(stem),
-                         maxpool=None if maxpool == -1 else bool(maxpool))
+                         maxpool=None if maxpool == -1 else bool(maxpool), fp32_tail=bool(cfg.get("proj_fp32", 1)))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
