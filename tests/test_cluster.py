@@ -67,11 +67,68 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _single_process_epoch(betons: dict[str, Path], args: list[str], world: int) -> tuple[list[float], dict]:
+    """The first epoch of ``args`` in one process on the same global batches as ``world`` ranks.
+
+    Each step takes every rank's shard (ffcv's distributed order: torch's DistributedSampler) and
+    makes its views from that rank's random stream (rank 0 continues the seeded stream, rank r is
+    reseeded with seed + r, as the trainer does); the shards go through the encoder one by one (on
+    a CPU, DDP has no SyncBatchNorm: BatchNorm normalises each rank's shard) and the loss and the
+    Adam step take the whole batch at once. Returns each step's [loss, tv, entropy, rank] and the
+    final parameters (BatchNorm's running statistics differ: each rank keeps its shard's).
+    """
+    import torch
+    from torch.utils.data import DistributedSampler
+
+    from core.config import parse_config
+    from core.schedule import lr_at
+    from data_prep.loader import BetonLoader
+    from train.trainer import _seed_everything, build_training
+
+    config = parse_config(args, "", ("cfg", "data", "run"))
+    cfg = config["cfg"]
+    every = BetonLoader(betons["train"], 1000, train=False, num_workers=1)
+    images = torch.cat([batch.images.clone() for batch in every])
+    size, shard = images.shape[-1], cfg["batch_size"] // world
+    _seed_everything(cfg["seed"])
+    parts = build_training(cfg, config["run"], torch.device("cpu"), size)
+    streams = [torch.get_rng_state()] + [torch.manual_seed(cfg["seed"] + rank).get_state() for rank in range(1, world)]
+    orders = []
+    for rank in range(world):
+        sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg["seed"], drop_last=False)
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    steps = min(len(order) for order in orders) // shard
+    peak = cfg["lr"] * cfg["batch_size"] / 256
+    values = []
+    for step in range(steps):
+        z = []
+        for rank in range(world):
+            torch.set_rng_state(streams[rank])
+            batch = images[orders[rank][step * shard:(step + 1) * shard]]
+            z.append(parts.step.forward(parts.step.views(batch)))
+            streams[rank] = torch.get_rng_state()
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr_at(step, steps * cfg["epochs"], peak)
+        loss, terms = parts.step.loss(torch.cat(z, dim=1))
+        parts.step.backward(loss)
+        parts.step.optimise()
+        values.append([loss.item(), terms["tv"].item(), terms["entropy"].item(), terms["rank"].item()])
+    return values, {name: weight.detach() for name, weight in parts.encoder.named_parameters()}
+
+
 def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path):
-    """Two torchrun launches (one process each) meet through a c10d rendezvous, as two nodes would."""
+    """Two torchrun launches (one process each) meet through a c10d rendezvous, as two nodes would,
+    and train exactly as one process does on the same global batches."""
+    import torch
+
+    from train.checkpoint import load_checkpoint
+
     port = _free_port()
     env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1"}
-    args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=0")
+    args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=0", "--run.probe=0",
+                     "--run.logger=none")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                                "--rdzv-id=two-nodes", str(REPO / "train" / "pretrain.py"), *args],
@@ -82,3 +139,11 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["step"] == 96 // 16  # the global batch of 16 split over the two nodes
     assert "(2 processes)" in outputs[0] + outputs[1]
+    torch.set_num_threads(1)
+    values, weights = _single_process_epoch(betons, args, world=2)
+    means = torch.tensor(values).mean(0).tolist()  # the log's epoch figures: means over the steps
+    for name, expected in zip(("loss", "tv", "entropy", "rank"), means):
+        assert log[0][name] == pytest.approx(expected, rel=1e-4, abs=1e-5), name
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in weights.items():
+        torch.testing.assert_close(trained[name], tensor, rtol=1e-3, atol=1e-4, msg=name)

@@ -526,9 +526,18 @@ def _sync_point(state: _Run, epoch: int, parts: torch.Tensor, bar, rate: float) 
                           "Use a GPU, or try -C configs/demo.yaml for a CPU-sized run.", stacklevel=1)
 
 
+def _average_over_ranks(state: _Run, result: _Epoch) -> None:
+    """Makes ``result.sums`` the mean over ranks: the TV part is local to each rank's shard, and the
+    mean of the ranks' values is the loss of the global batch (docs/LOSS.md). One collective."""
+    if state.world > 1:
+        torch.distributed.all_reduce(result.sums)
+        result.sums /= state.world
+
+
 def _save_mid_epoch(state: _Run, epoch: int, result: _Epoch) -> None:
     """A signal stopped the epoch: checkpoint its position and partial sums so that a re-run continues it."""
     state.interrupted = True
+    _average_over_ranks(state, result)  # every rank carries these sums into the resumed epoch
     if state.is_main:
         state.writer.save(state.checkpoint_path, state.checkpoint(epoch, result.done, result.sums), background=False)
         print(f"stopped in epoch {epoch + 1} after step {result.done}/{state.steps_per_epoch}; checkpoint saved to "
@@ -541,6 +550,7 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     state.skip_batches, state.carried_sums = 0, None
     state.epochs_done = epoch + 1
     state.images_seen += result.images
+    _average_over_ranks(state, result)
     means = (result.sums / max(1, result.done)).tolist()
     line = {"epoch": epoch + 1, **dict(zip(PART_NAMES, means)), "lr": state.parts.optimizer.param_groups[0]["lr"],
             "images_per_s": result.images / max(result.seconds, 1e-9), "epoch_seconds": result.seconds,
