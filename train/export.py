@@ -59,8 +59,7 @@ from core.config import UserError, run_cli  # noqa: E402
 from core.io import atomic_write  # noqa: E402
 from data_prep.loader import inspect_beton  # noqa: E402
 from train.checkpoint import load_checkpoint  # noqa: E402
-from train.model import (ENCODER_DEFAULTS, apply_cifar_stem, backbone_state, build_backbone,  # noqa: E402
-                         use_cifar_stem)
+from train.model import apply_cifar_stem, backbone_state, build_backbone, stem_from_cfg  # noqa: E402
 from train.rundir import RunDir  # noqa: E402
 
 WEIGHTS_NAME = "model.safetensors"
@@ -148,10 +147,9 @@ def read_run(run_dir: str | os.PathLike, image_size: int | None = None) -> Expor
     arch = cfg["arch"]
     if not timm.is_model(arch):
         raise ExportError(f"{source} was trained with cfg.arch={arch!r}, which this timm does not know")
-    stem_choice, pool_choice = cfg.get("cifar_stem", -1), cfg.get("maxpool", ENCODER_DEFAULTS["maxpool"])
-    cifar_stem = use_cifar_stem(arch, size) if stem_choice == -1 else bool(stem_choice)
+    cifar_stem, pool_choice = stem_from_cfg(cfg, size)
     try:
-        backbone = build_backbone(arch, cifar_stem, None if pool_choice == -1 else bool(pool_choice))
+        backbone = build_backbone(arch, cifar_stem, pool_choice)
     except ValueError as error:
         raise ExportError(f"{source}: {error}") from None
     pool = getattr(backbone, "maxpool", None)

@@ -54,6 +54,7 @@ __all__ = [
     "build_projector",
     "default_projector_layers",
     "ENCODER_DEFAULTS",
+    "stem_from_cfg",
     "ENCODER_KEYS",
     "backbone_state",
     "build_encoder_from_cfg",
@@ -303,14 +304,21 @@ def build_encoder(
     return SimMEREncoder(backbone, projector, fp32_tail).to(memory_format=torch.channels_last)
 
 
+def stem_from_cfg(cfg: dict, image_size: int) -> tuple[bool, bool | None]:
+    """``(cifar_stem, maxpool)`` that a config's ``cifar_stem`` and ``maxpool`` (-1 = automatic,
+    also when a key predates it) choose for ``cfg['arch']`` on ``image_size``; maxpool None = as the stem decides."""
+    stem, pool = cfg.get("cifar_stem", -1), cfg.get("maxpool", ENCODER_DEFAULTS["maxpool"])
+    return (use_cifar_stem(cfg["arch"], image_size) if stem == -1 else bool(stem)), (None if pool == -1 else bool(pool))
+
+
 def build_encoder_from_cfg(cfg: dict, image_size: int) -> SimMEREncoder:
     """:func:`build_encoder` from a config's ``cfg`` section (keys ``arch``, ``proj_dim``,
-    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` and ``maxpool`` (-1 = automatic),
-    ``proj_fp32``)."""
-    stem, maxpool = cfg.get("cifar_stem", -1), cfg.get("maxpool", -1)
+    ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` and ``maxpool``
+    (:func:`stem_from_cfg`), ``proj_fp32``)."""
+    cifar_stem, maxpool = stem_from_cfg(cfg, image_size)
     return build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
-                         proj_hidden=cfg["proj_hidden"] or None, cifar_stem=None if stem == -1 else bool(stem),
-                         maxpool=None if maxpool == -1 else bool(maxpool), fp32_tail=bool(cfg.get("proj_fp32", 1)))
+                         proj_hidden=cfg["proj_hidden"] or None, cifar_stem=cifar_stem, maxpool=maxpool,
+                         fp32_tail=bool(cfg.get("proj_fp32", 1)))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
