@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.trainer import COLLAPSE_RANK, COLLAPSE_RANK_DROP, COLLAPSE_STD, health
+from train.trainer import COLLAPSE_RANK, COLLAPSE_RANK_DROP, COLLAPSE_RANK_SHARE, COLLAPSE_STD, health
 
 
 def _with_singular_values(values: list[float], batch: int = 32, seed: int = 0) -> torch.Tensor:
@@ -25,7 +25,19 @@ def _entropy_rank(values: list[float]) -> float:
 
 
 def test_thresholds_are_the_documented_ones():
-    assert (COLLAPSE_RANK, COLLAPSE_RANK_DROP, COLLAPSE_STD) == (2.0, 0.4, 1e-3)
+    assert (COLLAPSE_RANK, COLLAPSE_RANK_SHARE, COLLAPSE_RANK_DROP, COLLAPSE_STD) == (2.0, 0.02, 0.4, 1e-3)
+
+
+def test_a_few_dimensions_of_many_are_flagged_from_the_first_epoch():
+    """Effective rank ~5 of 2,048 embeddings in 1,024 dims (SimMER without entropy and rank terms
+    on real CIFAR-10): collapsed, though no peak was ever higher and the spread is large."""
+    gen = torch.Generator().manual_seed(3)
+    few = torch.randn(2048, 5, generator=gen) @ torch.randn(5, 1024, generator=gen)
+    figures = health(few)
+    assert 4.0 < figures["zbar_effective_rank"] < 20.48 and figures["zbar_std"] > 0.5
+    assert figures["collapsed"] is True
+    many = torch.randn(2048, 40, generator=gen) @ torch.randn(40, 1024, generator=gen)
+    assert health(many)["zbar_effective_rank"] > 20.48 and health(many)["collapsed"] is False
 
 
 def test_rank_one_zbar_is_flagged():

@@ -59,6 +59,7 @@ from train.tracking import Tracker, parse_loggers, views_grid
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
 COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
+COLLAPSE_RANK_SHARE = 0.02  # ... or below this fraction of min(N, D): dimensional collapse from the start
 COLLAPSE_RANK_DROP = 0.4  # ... or below this fraction of the run's highest effective rank so far
 COLLAPSE_STD = 1e-3  # per-dimension std of zbar below this: collapse to a point
 KNN_BATCH = {"cuda": 2048, "cpu": 512}  # images per forward of the kNN monitor (eval mode, no gradient)
@@ -103,8 +104,10 @@ def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
     The run passes the held-out images' embeddings (``run.health_images``, eval mode), or the last
     training batch's zbar when that is 0; the log keys keep the ``zbar_`` names either way.
 
-    ``collapsed`` is a heuristic: the effective rank is below 2, or below 40 % of ``peak_rank`` (the
-    highest effective rank the run has logged: dimensions are being lost), or the spread is ~0.
+    ``collapsed`` is a heuristic: the effective rank is below 2, or below 2 % of min(N, D) (a few
+    dimensions of many: SimMER without its entropy and rank terms reaches this on real CIFAR-10
+    within an epoch, docs/LOSS.md), or below 40 % of ``peak_rank`` (the highest effective rank the
+    run has logged: dimensions are being lost), or the spread is ~0.
     """
     zbar = zbar.detach().float()
     figures = {
@@ -113,8 +116,8 @@ def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
         "zbar_nn_distance": nearest_neighbour_distance(zbar).item(),
     }
     rank = figures["zbar_effective_rank"]
-    figures["collapsed"] = bool(rank < COLLAPSE_RANK or rank < COLLAPSE_RANK_DROP * peak_rank
-                                or figures["zbar_std"] < COLLAPSE_STD)
+    figures["collapsed"] = bool(rank < max(COLLAPSE_RANK, COLLAPSE_RANK_SHARE * min(zbar.shape))
+                                or rank < COLLAPSE_RANK_DROP * peak_rank or figures["zbar_std"] < COLLAPSE_STD)
     return figures
 
 
