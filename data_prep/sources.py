@@ -506,14 +506,18 @@ def shots_file_indices(source, path: str | Path) -> np.ndarray:
     """Sorted training indices named by a split file (e.g. the published 40-shot split).
 
     One entry per line: an index into the training split (0-based, in the order this project reads
-    it: sorted class folders, each walked in sorted order) or an image file name, either its base name
-    (``n0153282900000005.jpg``) or its path relative to anything above it (``cat/0001.jpg``).
-    Blank lines and lines starting with ``#`` are ignored. Raises :class:`DataError` naming the
-    first unknown, ambiguous, out-of-range or repeated entry.
+    it: a folder's class folders sorted by name, each walked in sorted order; Mini-ImageNet's
+    classes sorted by name, each in the split files' order less its last
+    ``--data.mini_test_per_class``; CIFAR's batch order) or an image file name, either its base name
+    (``n0153282900000005.jpg``) or its path relative to anything above it (``cat/0001.jpg``). A
+    ``#`` starts a comment (whole line or after the entry); of a CSV line (``name,label``) the first
+    field is read. Raises :class:`DataError` naming the first unknown, ambiguous, out-of-range or
+    repeated entry.
     """
     path = Path(path)
-    entries = [(number, line.strip()) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)]
-    entries = [(number, entry) for number, entry in entries if entry and not entry.startswith("#")]
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    entries = [(number, line.split("#", 1)[0].split(",", 1)[0].strip()) for number, line in enumerate(lines, 1)]
+    entries = [(number, entry) for number, entry in entries if entry]
     if not entries:
         raise DataError(f"--data.shots_file {path} names no images")
     names = [Path(name).as_posix() for name in getattr(source, "paths", [])]
@@ -523,10 +527,11 @@ def shots_file_indices(source, path: str | Path) -> np.ndarray:
     chosen: dict[int, int] = {}
     for number, entry in entries:
         where = f"{path}:{number}"
-        if entry.isdigit():
+        if entry.lstrip("+-").isdigit():
             index = int(entry)
-            if index >= len(source):
-                raise DataError(f"{where}: index {index} is out of range (the training split has {len(source)} images)")
+            if not 0 <= index < len(source):
+                raise DataError(f"{where}: index {index} is out of range (the training split has {len(source)} "
+                                f"images, indexed from 0)")
         else:
             if not names:
                 raise DataError(f"{where}: {entry!r} is a file name, but this dataset's images have none; use indices")
@@ -534,8 +539,9 @@ def shots_file_indices(source, path: str | Path) -> np.ndarray:
             matches = [i for i in by_base.get(wanted.rsplit("/", 1)[-1], [])
                        if names[i] == wanted or names[i].endswith("/" + wanted)]
             if len(matches) != 1:
-                raise DataError(f"{where}: {entry!r} " + ("matches no training image" if not matches else
-                                f"matches {len(matches)} training images; give more of its path"))
+                raise DataError(f"{where}: {entry!r} " + (
+                    "matches no training image (is it a test image, or misspelt?)" if not matches else
+                    f"matches {len(matches)} training images; give more of its path"))
             index = matches[0]
         if index in chosen:
             raise DataError(f"{where}: {entry!r} names the same image as line {chosen[index]}")

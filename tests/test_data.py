@@ -175,7 +175,7 @@ def test_n_shot_beton_has_n_per_class_and_is_deterministic(tmp_path):
 def test_shots_file_writes_exactly_the_images_it_names(tmp_path):
     make_folder(tmp_path / "raw")  # train: cat/a_rgb.png cat/b_gray.png dog/c_rgba.png dog/d_palette.gif dog/e_large.jpg
     split = tmp_path / "hu2021_split.txt"
-    split.write_text("# a fixed labelled split\na_rgb.png\n\ndog/c_rgba.png\n4\n")
+    split.write_text("\ufeff# a fixed labelled split\na_rgb.png   # a base name\n\ndog/c_rgba.png,1\n4  # an index\n")
     written = write_main(["--data.dataset=folder", f"--data.root={tmp_path / 'raw'}", f"--data.out_dir={tmp_path / 'out'}",
                           f"--data.shots_file={split}", "--data.num_workers=1", "--data.max_resolution=64"])
     shots_path = tmp_path / "out" / "folder_train_hu2021_split.beton"
@@ -190,6 +190,7 @@ def test_shots_file_errors_name_the_line(tmp_path):
     make_folder(tmp_path / "raw")
     train, _ = load_folder(tmp_path / "raw", 64)
     cases = {"zebra.png\n": r":1: 'zebra.png' matches no training image", "1\n5\n": r":2: index 5 is out of range",
+             "-1\n": r":1: index -1 is out of range",
              "b_gray.png\ncat/b_gray.png\n": r":2: 'cat/b_gray.png' names the same image as line 1",
              "# only a comment\n": "names no images"}
     for number, (text, message) in enumerate(cases.items()):
