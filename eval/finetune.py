@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import build_augmentation  # noqa: E402
-from core.config import parse_config, run_cli  # noqa: E402
+from core.config import ConfigError, parse_config, run_cli  # noqa: E402
 from core.progress import epoch_line, progress_bar  # noqa: E402
 from core.schedule import lr_at  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
@@ -42,7 +42,7 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
     optimizer = torch.optim.SGD([{"params": backbone.parameters(), "base_lr": backbone_lr},
                                  {"params": head.parameters(), "base_lr": head_lr}],
                                 lr=head_lr, momentum=momentum, weight_decay=weight_decay)
-    total, step = epochs * len(loader), 0
+    total, step = epochs * steps_per_epoch(loader.num_samples, loader.batch_size), 0
     bar = progress_bar(total=total, enabled=progress, desc="fine-tune", unit="step")
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -71,20 +71,26 @@ MIN_STEPS = 200
 SMALL_SET_BATCH = 128
 
 
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimiser steps of a fine-tuning epoch: every batch, the last one short, except a last batch
+    of one image (BatchNorm cannot train on one image; :func:`finetune` skips it)."""
+    return -(-images // batch_size) - (1 if images % batch_size == 1 else 0)
+
+
 def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
     """The warning when fine-tuning gets fewer than :data:`MIN_STEPS` optimiser steps, else None.
 
     ``batch_size`` is the one asked for (it is clamped to ``images``; every image is used each
-    epoch, the last batch may be short).
+    epoch, the last batch may be short: :func:`steps_per_epoch`).
     """
     if images <= 0:
         return None
     batch = min(batch_size, images)
-    first = few_steps_message("fine-tuning", images, batch, -(-images // batch), epochs, MIN_STEPS)
+    first = few_steps_message("fine-tuning", images, batch, steps_per_epoch(images, batch), epochs, MIN_STEPS)
     if first is None:
         return None
     small = min(SMALL_SET_BATCH, batch)  # never a larger batch than the one asked for
-    small_per_epoch = -(-images // small)
+    small_per_epoch = steps_per_epoch(images, small)
     small_epochs = max(epochs, -(-MIN_STEPS // small_per_epoch))
     return (f"{first} usually leave the new linear head far from converged (the paper's 40-shot protocol takes "
             f"320). Use a smaller --finetune.batch_size (the learning rates scale with it) or more "
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config["cfg"]["seed"])
     start = time.perf_counter()
     train_info = inspect_beton(data["train_beton"])
+    if train_info.num_samples < 2:
+        raise ConfigError(f"{data['train_beton']} holds {train_info.num_samples} image(s): fine-tuning trains "
+                          "BatchNorm and needs at least 2 labelled images")
     warning = too_few_steps(train_info.num_samples, tune["batch_size"], tune["epochs"])
     if warning:  # said before the work, which it may make pointless
         warnings.warn(warning)

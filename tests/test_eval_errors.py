@@ -123,6 +123,13 @@ def test_linear_protocol_is_silent_with_enough_steps(images, batch_size, epochs)
     assert linear.MIN_STEPS == 500
 
 
+def test_finetune_steps_count_every_batch_but_a_last_single_image():
+    assert finetune.steps_per_epoch(4000, 512) == 8  # seven of 512 and one of 416
+    assert finetune.steps_per_epoch(4096, 512) == 8
+    assert finetune.steps_per_epoch(513, 512) == 1  # the one-image batch is skipped: BatchNorm
+    assert finetune.steps_per_epoch(1, 512) == 0
+
+
 def test_finetune_warns_when_it_gets_too_few_steps():
     message = finetune.too_few_steps(1437, 512, 40)  # 2 full batches and one of 413 an epoch
     assert message is not None and "only 120 optimiser steps" in message
