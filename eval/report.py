@@ -135,7 +135,7 @@ def plot_health(log: list[dict], out: Path) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(14, 4))
     held_out = log[-1].get("health_images") if log else None
-    source = f"{held_out:,} held-out images, eval mode" if held_out else "last training batch's zbar"
+    source = f"{held_out:,} fixed images, eval mode" if held_out else "last training batch's zbar"
     figure.suptitle(f"health figures ({source})")
     for axis, (key, title, unit) in zip(axes, [
             ("zbar_std", "std per dimension (mean)", "std"),

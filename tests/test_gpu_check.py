@@ -40,4 +40,4 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     assert projection["total_s"] == pytest.approx(sum(projection[k] for k in ("train_s", "compile_s", "checkpoints_s", "knn_s")))
     table = capsys.readouterr().out
     assert "step, eager (steady state)" in table and "projected run: 10 epochs x 10 steps" in table
-    assert "the float32 tail (cfg.proj_fp32=1) costs" in table
+    assert "the float32 tail (cfg.proj_fp32=1): eager step" in table

@@ -131,7 +131,7 @@ def held_out_images(data: dict, count: int, image_size: int, device: torch.devic
     kept, start = [], 0
     for batch in loader:
         inside = chosen[(chosen >= start) & (chosen < start + len(batch.images))] - start
-        kept.append(batch.images[torch.as_tensor(inside, device=device)].clone())  # batches are reused buffers
+        kept.append(batch.images[torch.as_tensor(inside, device=device)])  # a copy: batches are reused buffers
         start += len(batch.images)
     return torch.cat(kept)
 
