@@ -1,6 +1,7 @@
 """The beton data layer: every source written in its real format, converted, and read back."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -490,18 +491,28 @@ def start_writer(tmp_path: Path, images: int = 3000, **popen) -> subprocess.Pope
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, **popen)
 
 
-def wait_until_mid_write(process: subprocess.Popen, out_dir: Path, timeout: float = 120) -> None:
-    """Returns once the train beton's temporary file holds pages and the writer processes run."""
+def signal_mid_write(process: subprocess.Popen, out_dir: Path, send, timeout: float = 120) -> None:
+    """Calls ``send()`` once the train beton's temporary file holds pages and the writer processes run.
+
+    The check is made with the writer's process group stopped (SIGSTOP), and ``send`` runs before
+    it continues (SIGCONT), so the signal lands mid-write however busy the machine is: a writer
+    that finished between a check and the signal would otherwise exit 0.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGSTOP)
         try:
+            assert process.poll() is None, process.communicate()
             sizes = [p.stat().st_size for p in out_dir.glob("synthetic_train.beton.tmp-*")]
-        except FileNotFoundError:
-            sizes = []
-        if sizes and sizes[0] >= 4 << 20 and len(group_members(process.pid)) >= 3:  # main + 2 workers
-            return
-        time.sleep(0.005)
+            if sizes and sizes[0] >= 4 << 20 and len(group_members(process.pid)) >= 3:  # main + 2 workers
+                send()
+                return
+        except FileNotFoundError:  # the temporary file was not there yet
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone when the writer has ended
+                os.killpg(process.pid, signal.SIGCONT)
+        time.sleep(0.02)
     process.kill()
     pytest.fail("the writer never got mid-write")
 
@@ -525,15 +536,14 @@ def assert_ended_cleanly(process: subprocess.Popen, tmp_path: Path, code: int, m
 
 def test_sigterm_mid_write_stops_workers_and_removes_everything(tmp_path):
     process = start_writer(tmp_path)
-    wait_until_mid_write(process, tmp_path / "out")
-    os.kill(process.pid, signal.SIGTERM)  # the main process only, as `kill PID` does
+    signal_mid_write(process, tmp_path / "out", lambda: os.kill(process.pid, signal.SIGTERM))  # as `kill PID` does
     assert_ended_cleanly(process, tmp_path, 2, "error: stopped by SIGTERM")
 
 
 def test_ctrl_c_to_the_process_group_mid_write_exits_at_once(tmp_path):
     process = start_writer(tmp_path)
-    wait_until_mid_write(process, tmp_path / "out")
-    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the group
+    # a terminal's Ctrl-C reaches every process of the group
+    signal_mid_write(process, tmp_path / "out", lambda: os.killpg(process.pid, signal.SIGINT))
     assert_ended_cleanly(process, tmp_path, 130, "interrupted")
 
 
