@@ -480,15 +480,25 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def start_writer(tmp_path: Path, images: int = 3000, **popen) -> subprocess.Popen:
-    """write_beton.py on ``images`` synthetic 64 px images (12 kB each), in a session of its own."""
+def start_writer(tmp_path: Path, images: int = 3000, preexec_fn=None) -> subprocess.Popen:
+    """write_beton.py on ``images`` synthetic 64 px images (12 kB each), in a session of its own.
+
+    Ctrl-C is restored to its default in the writer: a test suite started in the background by a
+    non-interactive shell (``cmd &``) ignores SIGINT, its children inherit that, and the writer
+    rightly leaves an ignored Ctrl-C ignored.
+    """
     (tmp_path / "tmp").mkdir()
     env = dict(os.environ, NUMBA_THREADING_LAYER="omp", TMPDIR=str(tmp_path / "tmp"))
+
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
     return subprocess.Popen(
         [sys.executable, str(WRITE_BETON), "--data.dataset=synthetic", f"--data.synthetic_train={images}",
          "--data.synthetic_test=10", "--data.synthetic_size=64", f"--data.out_dir={tmp_path / 'out'}",
          "--data.num_workers=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, **popen)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, preexec_fn=prepare)
 
 
 def signal_mid_write(process: subprocess.Popen, out_dir: Path, send, timeout: float = 120) -> None:
