@@ -20,7 +20,7 @@ from augment import build_eval_transform, resolve_preset
 from core.config import ConfigError
 from core.io import atomic_write
 from data_prep.loader import BetonInfo, BetonLoader, inspect_beton
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint, mismatch_summary
 from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, build_encoder_from_cfg
 
 EVAL_SECTIONS = ("eval", "cfg", "data")
@@ -89,9 +89,8 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
         try:
             encoder.load_state_dict(state)
         except RuntimeError as error:
-            first = str(error).strip().splitlines()
             raise CheckpointError(f"{source} does not fit a {arch_cfg['arch']} encoder: "
-                                  f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+                                  f"{mismatch_summary(error)}") from None
     return EvalSetup(encoder.to(device), arch_cfg, preset, image_size, device, source, run_dir, step)
 
 

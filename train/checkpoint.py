@@ -113,6 +113,12 @@ class CheckpointWriter:
             raise error
 
 
+def mismatch_summary(error: RuntimeError) -> str:
+    """The informative line of a ``load_state_dict`` error (missing, unexpected or mis-shaped keys)."""
+    lines = str(error).strip().splitlines()
+    return lines[1].strip() if len(lines) > 1 else lines[0]
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Reads a checkpoint written by :func:`save_checkpoint` (on CPU)."""
     path = Path(path)

@@ -58,7 +58,7 @@ from augment import PRESETS, resolve_preset  # noqa: E402
 from core.config import UserError, run_cli  # noqa: E402
 from core.io import atomic_write  # noqa: E402
 from data_prep.loader import inspect_beton  # noqa: E402
-from train.checkpoint import load_checkpoint  # noqa: E402
+from train.checkpoint import load_checkpoint, mismatch_summary  # noqa: E402
 from train.model import apply_cifar_stem, backbone_state, build_backbone, stem_from_cfg  # noqa: E402
 from train.rundir import RunDir  # noqa: E402
 
@@ -157,9 +157,8 @@ def read_run(run_dir: str | os.PathLike, image_size: int | None = None) -> Expor
     try:
         backbone.load_state_dict(state)
     except RuntimeError as error:
-        lines = str(error).strip().splitlines()
         raise ExportError(f"{source} does not fit a {arch} backbone ({'CIFAR' if cifar_stem else 'timm'} stem, "
-                          f"{size} px): {lines[1].strip() if len(lines) > 1 else lines[0]}") from None
+                          f"{size} px): {mismatch_summary(error)}") from None
     preset = resolve_preset(cfg.get("augment", "auto"), size)
     return ExportedBackbone(backbone.eval(), arch, cifar_stem, maxpool, size, preset, epoch, step, source)
 
