@@ -53,3 +53,15 @@ def test_cpu_copy_detaches_and_copies_nested_tensors():
     copied = checkpoint._to_cpu({"a": [live, (live, 2)], "b": "text"})
     assert copied["b"] == "text" and copied["a"][1][1] == 2
     assert not copied["a"][0].requires_grad and copied["a"][0].data_ptr() != live.data_ptr()
+
+
+def test_mismatch_summary_names_the_offending_keys():
+    from torch import nn
+
+    from train.checkpoint import mismatch_summary
+    try:
+        nn.Linear(3, 4).load_state_dict({"weight": torch.zeros(5, 3), "extra": torch.zeros(1)})
+    except RuntimeError as error:
+        summary = mismatch_summary(error)
+    assert "Missing key(s)" in summary or "Unexpected key(s)" in summary or "size mismatch" in summary
+    assert "Error(s) in loading state_dict" not in summary  # the header line is dropped
