@@ -9,10 +9,16 @@ On a synthetic beton written for the purpose, with the trainer's own parts
 (:func:`train.trainer.build_training`), it measures the loader; the step eager and compiled, each
 split into its stages (augment, forward, loss, backward, optimiser; CUDA events on a GPU) and timed
 whole in steady state; the eager step again with the projector's last Linear + BatchNorm in bf16
-(``cfg.proj_fp32=0``), which prices the float32 tail; the rank term's methods; one checkpoint (the blocking copy to the CPU and
-the background write); the online probe's update; one kNN evaluation; the peak GPU memory. It projects the paper's run
-(``gpu.epochs`` epochs of ``gpu.train_images`` images) with compilation, checkpoints and the kNN
-monitor included, prints a table and writes every figure as JSON. About 3–5 minutes on one H100.
+(``cfg.proj_fp32=0``), which prices the float32 tail; the rank term's methods; one checkpoint (the
+blocking part in the training thread and the background write); the online probe's update; the
+health figures on ``gpu.health_images`` held-out images; the host sync of the log every
+``gpu.log_every`` steps; the kNN monitor (the trainer's own :class:`~measure.monitor.KnnMonitor`:
+the first evaluation, which reads and caches the betons, and a steady one); the peak GPU memory.
+It checks that what the loader delivers on the device is what the beton holds (every image's
+checksum and label against a CPU read, after training-mode epochs, several passes) and stops if
+not. It projects the paper's run (``gpu.epochs`` epochs of ``gpu.train_images`` images) with
+compilation, checkpoints, health figures, log syncs and the kNN monitor included, prints a table
+and writes every figure as JSON. About 3–5 minutes on one H100.
 """
 from __future__ import annotations
 
@@ -37,7 +43,9 @@ from core.io import atomic_write  # noqa: E402
 from data_prep.loader import BetonLoader  # noqa: E402
 from data_prep.sources import load_synthetic  # noqa: E402
 from data_prep.writer import write_betons  # noqa: E402
-from eval.features import evaluate_knn  # noqa: E402
+from measure.features import embed_images, feature_batch  # noqa: E402
+from measure.health import health  # noqa: E402
+from measure.monitor import KnnMonitor, compare_reads, read_checksums  # noqa: E402
 from train.checkpoint import CheckpointWriter  # noqa: E402
 from train.loss import rank_loss  # noqa: E402
 from train.trainer import TrainStep, build_training  # noqa: E402
@@ -148,16 +156,70 @@ def time_probe(step: TrainStep, batch: int, device: torch.device, clock: _Clock,
     return (time.perf_counter() - start) * 1000 / steps
 
 
-def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path) -> dict[str, float]:
-    """ms of one checkpoint: the blocking copy to the CPU, and the whole background write."""
+def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path, clock: _Clock) -> dict[str, float]:
+    """ms of one checkpoint as the trainer takes it every epoch (the second one: the pinned host
+    buffers exist): the part that blocks the training thread, the device time of the copy, and the
+    whole background write."""
     writer = CheckpointWriter()
     state = {"model": encoder.state_dict(), "optimizer": step.optimizer.state_dict(), "step": 0}
-    start = time.perf_counter()
+    writer.save(folder / "last.pt", state)
+    writer.wait()
+    clock.sync()
+    start, mark = time.perf_counter(), clock.mark()
     writer.save(folder / "last.pt", state)
     blocking = time.perf_counter() - start
+    end_mark = clock.mark()
     writer.wait()
     total = time.perf_counter() - start
-    return {"blocking_ms": blocking * 1000, "write_ms": total * 1000, "mb": (folder / "last.pt").stat().st_size / 2**20}
+    return {"blocking_ms": blocking * 1000, "device_ms": clock.ms(mark, end_mark), "write_ms": total * 1000,
+            "mb": (folder / "last.pt").stat().st_size / 2**20}
+
+
+def time_health(parts, images: torch.Tensor, clock: _Clock) -> float:
+    """ms of one epoch's health figures: the held-out images embedded in eval mode, then the figures."""
+    amp = parts.step.amp_dtype is not None
+    batch = feature_batch(images.device, images.shape[-1])
+    health(embed_images(parts.encoder, images, parts.eval_transform, batch, amp=amp))
+    clock.sync()
+    start = time.perf_counter()
+    health(embed_images(parts.encoder, images, parts.eval_transform, batch, amp=amp))
+    clock.sync()
+    return (time.perf_counter() - start) * 1000
+
+
+def time_log_sync(step: TrainStep, images: torch.Tensor, clock: _Clock, steps: int, every: int) -> float:
+    """ms per step that the log's host sync (``.tolist()`` every ``every`` steps) adds, against none."""
+    def run(sync: bool) -> float:
+        clock.sync()
+        start = time.perf_counter()
+        for index in range(steps):
+            parts, _ = step(images)
+            if sync and (index + 1) % every == 0:
+                parts.tolist()
+        clock.sync()
+        return (time.perf_counter() - start) * 1000 / steps
+    run(True)
+    return max(0.0, run(True) - run(False))
+
+
+def check_loader(paths, device: torch.device, image_size: int, batch_size: int, passes: int) -> dict:
+    """Reads each beton on ``device`` in eval mode ``passes`` times, after a training-mode epoch of
+    the first one each time (the loader lifecycle of a run), and compares every image's checksum and
+    label with the beton read on the CPU; raises :class:`~data_prep.loader.CorruptBatchError` on a mismatch."""
+    references = [read_checksums(BetonLoader(path, 512, train=False, device="cpu", image_size=image_size))
+                  for path in paths]
+    train = BetonLoader(paths[0], batch_size, train=True, device=device, image_size=image_size)
+    readers = [BetonLoader(path, feature_batch(device, image_size), train=False, device=device, image_size=image_size)
+               for path in paths]
+    images = 0
+    for _ in range(passes):
+        for batch in train:
+            batch.images.float().mean()
+        for reader, reference in zip(readers, references):
+            checksums, labels = read_checksums(reader)
+            compare_reads(reference, checksums, labels, reader.batch_size, reader.info.path)
+            images += len(labels)
+    return {"passes": passes, "images_compared": images, "mismatches": 0}
 
 
 def project(figures: dict, options: dict) -> dict[str, float]:
@@ -167,17 +229,24 @@ def project(figures: dict, options: dict) -> dict[str, float]:
     step_s = max(step["step_ms"], figures["loader_ms"]) / 1000  # the loader runs alongside; the slower one sets the pace
     epoch_s = steps_per_epoch * step_s
     checkpoint = figures["checkpoint"]
-    checkpoint_s = checkpoint["blocking_ms"] / 1000 + max(0.0, checkpoint["write_ms"] / 1000 - epoch_s)
+    checkpoint_s = max(checkpoint["blocking_ms"], checkpoint.get("device_ms", 0.0)) / 1000 \
+        + max(0.0, checkpoint["write_ms"] / 1000 - epoch_s)
     evaluations = math.ceil(options["epochs"] / options["knn_every"]) if options["knn_every"] else 0
+    knn = figures["knn"]
     parts = {
         "train_s": options["epochs"] * epoch_s,
         "compile_s": max(0.0, step["cold_s"] - step_s),
         "checkpoints_s": options["epochs"] * checkpoint_s,
-        "knn_s": evaluations * figures["knn"]["s_per_image"] * options["knn_images"],
+        "health_s": options["epochs"] * figures.get("health_ms", 0.0) / 1000,
+        "log_sync_s": options["epochs"] * steps_per_epoch * figures.get("log_sync_ms", 0.0) / 1000,
+        # the first evaluation reads and caches the betons; each one after embeds the cached images
+        "knn_s": (knn.get("read_s_per_image", 0.0) + evaluations * knn["s_per_image"]) * options["knn_images"]
+        if evaluations else 0.0,
     }
     total = sum(parts.values())
     return {**parts, "total_s": total, "total_h": total / 3600, "steps_per_epoch": steps_per_epoch,
-            "knn_share": parts["knn_s"] / total, "checkpoint_share": parts["checkpoints_s"] / total}
+            "knn_share": parts["knn_s"] / total, "checkpoint_share": parts["checkpoints_s"] / total,
+            "monitors_share": (parts["health_s"] + parts["log_sync_s"]) / total}
 
 
 def run_check(options: dict) -> dict:
@@ -215,18 +284,26 @@ def run_check(options: dict) -> dict:
         del rounded
         figures["probe_ms"] = time_probe(parts.step, options["batch_size"], device, clock, options["steps"])
         figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
-        figures["checkpoint"] = time_checkpoint(parts.step, parts.encoder, Path(folder))
-        bank = BetonLoader(beton, 2048 if clock.cuda else 256, train=False, device=device)
-        queries = BetonLoader(test_beton, 2048 if clock.cuda else 256, train=False, device=device)
-        clock.sync()
-        start = time.perf_counter()
-        accuracy = evaluate_knn(parts.encoder.backbone, bank, queries, parts.eval_transform,
-                                k=min(200, bank.num_samples))
-        clock.sync()
-        seconds = time.perf_counter() - start
-        figures["knn"] = {"seconds": seconds, "images": bank.num_samples + queries.num_samples,
-                          "s_per_image": seconds / (bank.num_samples + queries.num_samples), "top1": accuracy["top1"]}
-        del bank, queries
+        figures["checkpoint"] = time_checkpoint(parts.step, parts.encoder, Path(folder), clock)
+        figures["log_sync_ms"] = time_log_sync(parts.step, images, clock, options["steps"], options["log_every"])
+        figures["loader_check"] = check_loader((beton, test_beton), device, options["image_size"],
+                                               options["batch_size"], passes=3)
+        monitor = KnnMonitor(beton, test_beton, device, options["image_size"], k=min(200, options["images"]))
+        seconds = []
+        for _ in range(2):  # the first evaluation reads and caches the betons; the second is a steady one
+            clock.sync()
+            start = time.perf_counter()
+            accuracy = monitor.evaluate(parts.encoder.backbone, parts.eval_transform, amp=clock.cuda)
+            clock.sync()
+            seconds.append(time.perf_counter() - start)
+        monitor_images = sum(loader.num_samples for loader in monitor.loaders)
+        held_out = next(iter(monitor.loaders[1])).images[:options["health_images"]]
+        figures["health_ms"] = time_health(parts, held_out, clock)
+        figures["knn"] = {"first_s": seconds[0], "seconds": seconds[1], "images": monitor_images,
+                          "cached": monitor.cached, "s_per_image": seconds[1] / monitor_images,
+                          "read_s_per_image": max(0.0, seconds[0] - seconds[1]) / monitor_images,
+                          "top1": accuracy["knn_top1"]}
+        del monitor, held_out
     figures["projection"] = project(figures, options)
     return figures
 
@@ -261,15 +338,27 @@ def format_table(figures: dict) -> str:
     for method, ms in figures["rank_term_ms"].items():
         row(f"rank term fwd+bwd, {method}", ms, per_batch=False)
     checkpoint = figures["checkpoint"]
-    row(f"checkpoint ({checkpoint['mb']:.0f} MB): blocking copy", checkpoint["blocking_ms"], per_batch=False)
+    row(f"checkpoint ({checkpoint['mb']:.0f} MB): blocking part", checkpoint["blocking_ms"], per_batch=False)
+    if "device_ms" in checkpoint:
+        row("checkpoint: copy on the device stream", checkpoint["device_ms"], per_batch=False)
     row("checkpoint: background write", checkpoint["write_ms"], per_batch=False)
+    if "health_ms" in figures:
+        row(f"health figures, {options['health_images']} held-out images", figures["health_ms"], per_batch=False)
+    if "log_sync_ms" in figures:
+        row(f"log sync every {options['log_every']} steps, per step", figures["log_sync_ms"], per_batch=False)
+    if "loader_check" in figures:
+        check = figures["loader_check"]
+        lines.append(f"loader check: {check['images_compared']:,} images in {check['passes']} passes equal the CPU "
+                     "read (checksums and labels)")
     knn = figures["knn"]
-    lines.append(f"{'kNN evaluation, ' + str(knn['images']) + ' images':<36} {knn['seconds'] * 1000:>10.1f}")
+    first = f"   (first evaluation {knn['first_s']:.2f} s: reads the betons)" if "first_s" in knn else ""
+    lines.append(f"{'kNN monitor, ' + format(knn['images'], ',') + ' images':<36} {knn['seconds'] * 1000:>10.1f}{first}")
     p = figures["projection"]
     lines += ["", f"projected run: {options['epochs']} epochs x {p['steps_per_epoch']} steps = {p['total_h']:.2f} h "
-              f"(training {p['train_s'] / 60:.1f} min, compilation {p['compile_s'] / 60:.1f} min, checkpoints "
-              f"{p['checkpoints_s'] / 60:.1f} min = {p['checkpoint_share']:.1%}, kNN every {options['knn_every']} "
-              f"epochs {p['knn_s'] / 60:.1f} min = {p['knn_share']:.1%})"]
+              f"= {p['total_s'] / 60:.1f} min (training {p['train_s'] / 60:.1f} min, compilation {p['compile_s'] / 60:.1f} "
+              f"min, checkpoints {p['checkpoints_s'] / 60:.1f} min = {p['checkpoint_share']:.1%}, health + log syncs "
+              f"{(p['health_s'] + p['log_sync_s']) / 60:.1f} min = {p.get('monitors_share', 0.0):.1%}, kNN every "
+              f"{options['knn_every']} epochs {p['knn_s'] / 60:.1f} min = {p['knn_share']:.1%})"]
     return "\n".join(lines)
 
 

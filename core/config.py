@@ -186,6 +186,8 @@ def _declare(config: Config) -> None:
         knn_every=Param(Int(0), "epochs between kNN evaluations (0 = never; the last epoch always)", default=10),
         knn_k=Param(Int(1), "kNN monitor: neighbours", default=200),
         knn_temperature=Param(Float(0, above=True), "kNN monitor: temperature", default=0.1),
+        knn_verify=Param(Flag(), "kNN monitor: compare every image's checksum and label it evaluates with the betons "
+                         "read on the CPU, and stop on a mismatch (0/1)", default=0),
         log_every=Param(Int(1), "steps between host syncs for the progress bar and the divergence check", default=20),
         save_every=Param(Int(0), "also keep checkpoints/epoch_<N>.pt every N epochs (0 = only last.pt)", default=0),
         stop_after_epochs=Param(Int(0), "checkpoint and exit after this many epochs in this invocation (0 = run to the end)", default=0),
@@ -240,6 +242,8 @@ def _declare(config: Config) -> None:
         train_images=Param(Int(1), "training images per epoch of the projected run (CIFAR-10: 50,000)", default=50000),
         knn_images=Param(Int(1), "bank + query images of one kNN evaluation in the projected run", default=60000),
         knn_every=Param(Int(0), "epochs between kNN evaluations in the projected run", default=10),
+        health_images=Param(Int(2), "held-out images of the health figures, timed once per epoch", default=2048),
+        log_every=Param(Int(1), "steps between the log's host syncs, timed against none", default=20),
     )
     Section("tables", "bench/paper_tables.py: run the paper's tables and compare", config_descriptor=config).params(
         table=Param(Text(), "1, 2, 3, 4, 5 or all", default="all"),

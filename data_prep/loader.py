@@ -9,8 +9,20 @@
 * ``train=False``: sequential order, every sample exactly once (the last batch may be short).
 
 It yields :class:`Batch` ``(images, labels)``: ``images`` uint8 (B, 3, H, W) with channels-last
-strides on the requested device, ``labels`` int64 (B,). **Batches are reused buffers**: clone
-what you keep past the next iteration.
+strides on the requested device, ``labels`` int64 (B,). Each batch is a tensor of its own, which
+the caller may keep: ffcv's reused slot buffers never leave this module.
+
+The copy to a GPU is made here, not by ffcv's ``ToDevice``. ffcv decodes into pinned host slot
+buffers and, with ``ToDevice(non_blocking=True)``, copies them into device slot buffers on its own
+CUDA streams; those device buffers are allocated on the consumer's stream, written on ffcv's
+streams without ``record_stream``, and freed with the epoch iterator, and the host slot buffer of
+a batch is decoded into again with no host-side wait for the copy still reading it. Either lets a
+copy that the GPU runs late land in memory that already belongs to another tensor, or carry
+another batch's bytes (docs/BENCHMARKS.md, "The kNN bank's labels"). Here ffcv stops at the pinned
+host batch; :class:`_DeviceCopier` copies it on a side stream into a fresh tensor allocated on
+that stream (``record_stream`` hands it to the consumer's stream), makes the consumer's stream
+wait for the copy, and waits on the host for that copy to finish before ffcv is asked for the
+next batch, which is when ffcv may start reusing the host buffer.
 
 ffcv sets torch's intra-op thread count as a side effect (to 1 on import, to ``num_workers`` on
 every epoch, from its worker thread). :func:`import_ffcv` restores the caller's count after the
@@ -125,6 +137,33 @@ def inspect_beton(path: str | Path) -> BetonInfo:
     return BetonInfo(path, int(reader.num_samples), tuple(reader.field_names), tuple(sizes), labels)
 
 
+class CorruptBatchError(BetonError):
+    """Labels read from a beton that are not the beton's labels: the data was corrupted on its way."""
+
+
+def check_batch_labels(labels: torch.Tensor, info: BetonInfo, batch_size: int) -> None:
+    """Raises :class:`CorruptBatchError` naming the first batch whose labels are outside the beton's.
+
+    ``labels`` (N,): the labels of an eval-mode pass over the beton of ``info``, in order, read in
+    batches of ``batch_size``. A labelled beton's labels lie in [0, classes); an unlabelled one's
+    are all -1. One host sync.
+    """
+    if info.labelled:
+        bad = (labels < 0) | (labels >= info.num_classes)
+        expected = f"[0, {info.num_classes})"
+    else:
+        bad = labels != UNLABELLED
+        expected = f"{UNLABELLED} (unlabelled)"
+    if not bool(bad.any()):
+        return
+    first = int(bad.nonzero()[0, 0])
+    batch = first // batch_size
+    raise CorruptBatchError(
+        f"batch {batch} (images {batch * batch_size}-{min(len(labels), (batch + 1) * batch_size) - 1}) of {info.path} "
+        f"arrived with label {int(labels[first])} at image {first}, outside {expected}: the data was corrupted "
+        f"between the beton and {labels.device} ({int(bad.sum())} bad label(s) in this pass)")
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -168,17 +207,16 @@ class BetonLoader:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
         if stored is not None and (image_size is None or stored == (image_size, image_size)):
             decoder = SimpleRGBImageDecoder()
         else:
             decoder = CenterCropRGBImageDecoder((self.image_size, self.image_size), ratio=1.0)
-        non_blocking = self.device.type == "cuda"
         pipelines = {name: None for name in self.info.fields}  # fields other than these two are not read
-        pipelines.update({
-            "image": [decoder, ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage()],
-            "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(self.device, non_blocking=non_blocking)],
+        pipelines.update({  # host batches in ffcv's (pinned, when CUDA is available) slot buffers
+            "image": [decoder, ToTensor(), ToTorchImage()],
+            "label": [IntDecoder(), ToTensor(), Squeeze(1)],
         })
         # ffcv yields the fields in the beton's order, whatever order the pipelines are given in
         self._image_first = self.info.fields.index("image") < self.info.fields.index("label")
@@ -209,11 +247,51 @@ class BetonLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         iterator = iter(self._loader)
+        copier = _DeviceCopier(self.device)
         try:
-            for first, second in iterator:
-                yield Batch(first, second) if self._image_first else Batch(second, first)
+            while True:
+                copier.wait()  # the previous batch's host buffer is read: ffcv may now reuse it
+                pair = next(iterator, None)
+                if pair is None:
+                    return
+                first, second = pair
+                yield copier(first, second) if self._image_first else copier(second, first)
         finally:  # also when the caller leaves the epoch early (break, signal, exception)
+            copier.wait()  # no copy may still read a host buffer that ffcv frees below
             _shut_down(iterator)
+
+
+class _DeviceCopier:
+    """Copies ffcv's host batches into tensors of their own on ``device`` (see the module docstring).
+
+    On a GPU: an asynchronous copy on a side stream into memory allocated on that stream, the
+    consumer's stream made to wait for it (``wait_event``) and recorded as the tensors' user
+    (``record_stream``, so their memory is not reused while the consumer's work on them is queued);
+    :meth:`wait` blocks the host until the last copy is done. On the CPU: a clone.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending = None  # the CUDA event of the last copy
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        if self.stream is None:
+            return Batch(images.to(self.device, copy=True), labels.to(self.device, copy=True))
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            batch = Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            self.pending = torch.cuda.Event()
+            self.pending.record(self.stream)
+        consumer.wait_event(self.pending)
+        for tensor in batch:
+            tensor.record_stream(consumer)
+        return batch
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
 
 
 def _shut_down(iterator) -> None:

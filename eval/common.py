@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from augment import build_eval_transform, resolve_preset
 from core.config import ConfigError
 from core.io import atomic_write
-from data_prep.loader import BetonInfo, BetonLoader, inspect_beton
+from data_prep.loader import BetonLoader, inspect_beton
+from measure.knn import check_label_sets
 from train.checkpoint import CheckpointError, load_checkpoint, mismatch_summary
 from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, build_encoder_from_cfg
 
@@ -60,7 +59,7 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     """Loads the encoder that ``config['eval']['checkpoint']`` names; validates the betons."""
     evaluation, cfg, data = config["eval"], config["cfg"], config["data"]
     train_info = inspect_beton(data["train_beton"])
-    check_labels(train_info, inspect_beton(data["test_beton"]))
+    check_label_sets(train_info, inspect_beton(data["test_beton"]))
     device = resolve_device(evaluation["device"])
     source = evaluation["checkpoint"]
     if source == "random":
@@ -94,18 +93,6 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     return EvalSetup(encoder.to(device), arch_cfg, preset, image_size, device, source, run_dir, step)
 
 
-def check_labels(train: BetonInfo, test: BetonInfo) -> None:
-    """Refuses a test set none of whose classes the training set has; warns when some are missing."""
-    train_classes, test_classes = set(np.unique(train.labels).tolist()), set(np.unique(test.labels).tolist())
-    missing = sorted(test_classes - train_classes)
-    if missing and len(missing) == len(test_classes):
-        raise ConfigError(f"none of the labels of {test.path} ({_labels(test_classes)}) occur in {train.path} "
-                          f"({_labels(train_classes)}): are they betons of the same dataset?")
-    if missing:
-        warnings.warn(f"{len(missing)} test class(es) of {test.path} never occur in {train.path} "
-                      f"({_labels(missing)}): their images cannot be classified correctly", stacklevel=2)
-
-
 def few_steps_message(protocol: str, images: int, batch_size: int, steps_per_epoch: int, epochs: int,
                       minimum: int) -> str | None:
     """The first half of the warning when a protocol gets fewer than ``minimum`` optimiser steps; else None."""
@@ -116,11 +103,6 @@ def few_steps_message(protocol: str, images: int, batch_size: int, steps_per_epo
     batches = "batch" if steps_per_epoch == 1 else "batches"
     return (f"{protocol} gets only {steps} optimiser steps ({epochs} epochs x {steps_per_epoch} {batches} of "
             f"{batch_size}{clamped}); fewer than {minimum}")
-
-
-def _labels(values) -> str:
-    values = sorted(values)
-    return ", ".join(map(str, values[:8])) + (f", ... ({len(values)} in all)" if len(values) > 8 else "")
 
 
 def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:

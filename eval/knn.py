@@ -6,7 +6,7 @@ The kNN monitor of pretraining and the ``python eval/knn.py`` protocol::
     python eval/knn.py --eval.checkpoint=random --cfg.arch=resnet18      # the baseline
 
 The training beton is the memory bank, the test beton the queries; k=200, t=0.1 by default.
-The classifier itself lives in :mod:`eval.features`, shared with the pretraining monitor.
+The classifier itself lives in :mod:`measure.knn`, shared with the pretraining monitor.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 from core.config import parse_config, run_cli  # noqa: E402
 from eval.common import EVAL_SECTIONS, default_out, prepare, write_results  # noqa: E402
-from eval.features import evaluate_knn  # noqa: E402
+from measure.knn import evaluate_knn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

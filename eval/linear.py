@@ -33,7 +33,8 @@ from core.progress import epoch_line, progress_bar  # noqa: E402
 from core.schedule import lr_at  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 from eval.common import EVAL_SECTIONS, EvalSetup, default_out, few_steps_message, prepare, write_results  # noqa: E402
-from eval.features import autocast_context, extract_features, topk_accuracy  # noqa: E402
+from measure.features import autocast_context, extract_features  # noqa: E402
+from measure.knn import topk_accuracy  # noqa: E402
 
 
 def new_classifier(num_features: int, num_classes: int) -> nn.Linear:

@@ -172,8 +172,8 @@ class Pictures:
 def _take(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels, taken = [], [], 0
     for batch in loader:
-        images.append(batch.images.clone())
-        labels.append(batch.labels.clone())
+        images.append(batch.images)
+        labels.append(batch.labels)
         taken += len(batch.images)
         if taken >= count:
             break

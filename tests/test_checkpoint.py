@@ -1,35 +1,55 @@
-"""The checkpoint writer: a CPU copy taken at save time, written atomically in the background."""
+"""The checkpoint writer: a host snapshot taken at save time, written atomically in the background."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import threading
 
 import pytest
 import torch
 
-import train.checkpoint as checkpoint
 from train.checkpoint import CheckpointError, CheckpointWriter
 
 
-def test_background_save_writes_the_state_as_it_was_when_saved(tmp_path, monkeypatch):
-    release = threading.Event()
-    real_save = torch.save
+def _torn_save(halfway: threading.Event, release: threading.Event, real_save=torch.save):
+    """A torch.save that writes the first half of its bytes, signals ``halfway``, waits for
+    ``release``, then writes the rest: to a file handle or to a path, whichever it is given."""
 
-    def slow_save(obj, handle, *args, **kwargs):
-        assert release.wait(30)
-        return real_save(obj, handle, *args, **kwargs)
+    def save(obj, target, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        handle = open(target, "wb") if isinstance(target, (str, os.PathLike)) else target
+        try:
+            handle.write(data[:len(data) // 2])
+            handle.flush()
+            halfway.set()
+            assert release.wait(30)
+            handle.write(data[len(data) // 2:])
+        finally:
+            if handle is not target:
+                handle.close()
 
-    monkeypatch.setattr(torch, "save", slow_save)
+    return save
+
+
+def test_background_save_keeps_the_previous_checkpoint_whole_until_the_new_one_is(tmp_path, monkeypatch):
+    previous = {"model": {"w": torch.full((4,), 7.0)}, "step": 1}
+    torch.save(previous, tmp_path / "last.pt")
+    halfway, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(torch, "save", _torn_save(halfway, release))
     weights = torch.zeros(4)
     writer = CheckpointWriter()
     writer.save(tmp_path / "last.pt", {"model": {"w": weights}, "step": 3})
     weights += 1  # training goes on while the file is written
-    assert not (tmp_path / "last.pt").exists()  # save() returned before the write
+    assert halfway.wait(30)  # the new checkpoint is half written now
+    during = torch.load(tmp_path / "last.pt", weights_only=True)  # a crash now would find this file
+    assert during["step"] == 1 and torch.equal(during["model"]["w"], previous["model"]["w"])
     release.set()
     writer.wait()
-    saved = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert saved["step"] == 3 and torch.equal(saved["model"]["w"], torch.zeros(4))
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["step"] == 3 and torch.equal(saved["model"]["w"], torch.zeros(4))  # the state as it was when saved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
@@ -48,9 +68,9 @@ def test_a_failed_background_write_is_raised_at_the_next_wait(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
-def test_cpu_copy_detaches_and_copies_nested_tensors():
+def test_snapshot_detaches_and_copies_nested_tensors():
     live = torch.ones(3, requires_grad=True)
-    copied = checkpoint._to_cpu({"a": [live, (live, 2)], "b": "text"})
+    copied = CheckpointWriter()._snapshot({"a": [live, (live, 2)], "b": "text"}, ())
     assert copied["b"] == "text" and copied["a"][1][1] == 2
     assert not copied["a"][0].requires_grad and copied["a"][0].data_ptr() != live.data_ptr()
 

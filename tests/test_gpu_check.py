@@ -36,8 +36,14 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     assert projection == pytest.approx(project(returned, returned["settings"]))
     step_s = max(eager["step_ms"], written["loader_ms"]) / 1000
     assert projection["train_s"] == pytest.approx(10 * 10 * step_s)
-    assert projection["knn_s"] == pytest.approx(2 * written["knn"]["s_per_image"] * 60000)
-    assert projection["total_s"] == pytest.approx(sum(projection[k] for k in ("train_s", "compile_s", "checkpoints_s", "knn_s")))
+    knn = written["knn"]
+    assert knn["cached"] and knn["first_s"] >= knn["seconds"] > 0
+    assert projection["knn_s"] == pytest.approx((knn["read_s_per_image"] + 2 * knn["s_per_image"]) * 60000)
+    assert _positive(written["health_ms"]) and written["log_sync_ms"] >= 0
+    assert projection["health_s"] == pytest.approx(10 * written["health_ms"] / 1000)
+    assert written["loader_check"] == {"passes": 3, "images_compared": 3 * (48 + 9), "mismatches": 0}
+    assert projection["total_s"] == pytest.approx(sum(projection[k] for k in (
+        "train_s", "compile_s", "checkpoints_s", "health_s", "log_sync_s", "knn_s")))
     table = capsys.readouterr().out
     assert "step, eager (steady state)" in table and "projected run: 10 epochs x 10 steps" in table
     assert "the float32 tail (cfg.proj_fp32=1): eager step" in table

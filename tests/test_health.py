@@ -1,4 +1,4 @@
-"""Tests for the collapse indicators of train/trainer.py (``health``) on constructed zbar."""
+"""Tests for the collapse indicators of measure/health.py (``health``) on constructed zbar."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.trainer import COLLAPSE_RANK, COLLAPSE_RANK_DROP, COLLAPSE_RANK_SHARE, COLLAPSE_STD, health
+from measure.health import COLLAPSE_RANK, COLLAPSE_RANK_DROP, COLLAPSE_RANK_SHARE, COLLAPSE_STD, health
 
 
 def _with_singular_values(values: list[float], batch: int = 32, seed: int = 0) -> torch.Tensor:

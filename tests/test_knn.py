@@ -1,4 +1,4 @@
-"""The weighted kNN classifier of eval/features.py: hand-worked votes, then real betons.
+"""The weighted kNN classifier of measure/knn.py: hand-worked votes, then real betons.
 
 Votes follow Wu et al. 2018: the k bank entries most cosine-similar to a query vote for their
 class with weight exp(similarity / t).
@@ -17,7 +17,8 @@ from augment import build_eval_transform
 from data_prep.loader import BetonLoader
 from data_prep.sources import ArraySource
 from data_prep.writer import write_betons
-from eval.features import evaluate_knn, extract_features, knn_accuracy, knn_predict, topk_accuracy
+from measure.features import extract_features
+from measure.knn import evaluate_knn, knn_accuracy, knn_predict, topk_accuracy
 from eval.knn import main as knn_main
 
 pytestmark = pytest.mark.timeout(120)

@@ -17,13 +17,12 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from measure.health import effective_rank, nearest_neighbour_distance
 from train.loss import (
     DEFAULT_SVD,
     RANK_VARIANTS,
     SVD_METHODS,
-    effective_rank,
     entropy_loss,
-    nearest_neighbour_distance,
     rank_loss,
     simmer_loss,
     total_variance,

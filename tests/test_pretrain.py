@@ -30,7 +30,8 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path):
-    summary = pretrain_main(tiny_args(betons, tmp_path / "run"))
+    # run.knn_verify: every image and label the monitor evaluates (the last epoch's too) equals the CPU read
+    summary = pretrain_main(tiny_args(betons, tmp_path / "run", "--run.knn_verify=1"))
     run_dir = tmp_path / "run"
     log = read_log(run_dir)
     assert [line["epoch"] for line in log] == [1, 2]
@@ -136,10 +137,10 @@ def test_health_figures_come_from_the_held_out_images_in_eval_mode(betons, tmp_p
     from augment import build_eval_transform, resolve_preset
     from core.config import parse_config
     from data_prep.loader import inspect_beton
-    from eval.features import embed_images
+    from measure.features import embed_images
     from train.checkpoint import load_checkpoint
     from train.model import build_encoder_from_cfg
-    from train.trainer import health, held_out_images
+    from measure.health import health, held_out_images
 
     args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=1", "--run.logger=none",
                      "--cfg.proj_dim=64", "--run.health_images=40", "--cfg.batch_size=4")

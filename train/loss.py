@@ -42,19 +42,17 @@ Distributed: see :func:`simmer_loss`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
+
+from measure.health import check_embeddings, nearest_neighbour_index
 
 __all__ = [
     "DEFAULT_SVD",
     "RANK_VARIANTS",
     "SVD_METHODS",
     "TV_REDUCTIONS",
-    "effective_rank",
     "entropy_loss",
-    "nearest_neighbour_distance",
     "rank_loss",
     "simmer_loss",
     "total_variance",
@@ -240,33 +238,9 @@ def _check_views(z: torch.Tensor) -> None:
         )
 
 
-def _check_batch(zbar: torch.Tensor, name: str = "zbar") -> None:
-    if zbar.dim() != 2 or zbar.shape[0] < 2 or zbar.shape[1] < 1:
-        raise ValueError(
-            f"{name} must have shape (B, D) with B >= 2 and D >= 1; got shape {tuple(zbar.shape)}"
-        )
-
-
-def _nearest_neighbour_index(zbar: torch.Tensor) -> torch.Tensor:
-    """Index of each row's nearest other row, found without gradient.
-
-    zbar: (B, D) -> (B,) int64. Squared distances via the Gram expansion on centred rows (the
-    centring reduces cancellation); the diagonal is masked to +inf. Only the choice of
-    neighbour comes from here, never a distance that is differentiated.
-    """
-    with torch.no_grad():
-        x = zbar.detach()
-        x = x - x.mean(0, keepdim=True)
-        sq = (x * x).sum(1)
-        d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
-        eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-        d2 = d2.masked_fill(eye, math.inf)
-        return d2.argmin(1)
-
-
 def _nearest_neighbour_dist2(zbar: torch.Tensor) -> torch.Tensor:
     """Differentiable squared distance from each row to its nearest other row: (B, D) -> (B,)."""
-    idx = _nearest_neighbour_index(zbar)
+    idx = nearest_neighbour_index(zbar)
     return (zbar - zbar[idx]).pow(2).sum(-1)
 
 
@@ -299,7 +273,7 @@ def entropy_loss(zbar: torch.Tensor, eps: float = _DIST2_EPS) -> torch.Tensor:
     ``0.5 * log(d² + eps)`` from the directly recomputed squared distance, so coinciding rows
     give a finite value (``-0.5 * log(eps)``) and a zero, finite gradient.
     """
-    _check_batch(zbar)
+    check_embeddings(zbar)
     with torch.autocast(device_type=zbar.device.type, enabled=False):
         zbar = _upcast(zbar)
         return -0.5 * torch.log(_nearest_neighbour_dist2(zbar) + eps).mean()
@@ -344,7 +318,7 @@ def rank_loss(
     """
     _check_rank_variant(variant)
     _check_svd(svd)
-    _check_batch(zbar)
+    check_embeddings(zbar)
     with torch.autocast(device_type=zbar.device.type, enabled=False):
         a = _upcast(zbar)
         if bias:
@@ -437,28 +411,3 @@ def simmer_loss(
         r = rank_loss(zbar, variant=rank_variant, bias=rank_bias, svd=svd)
         total = tv + alpha_h * h + alpha_r * r
     return total, {"tv": tv, "entropy": h, "rank": r}
-
-
-def effective_rank(zbar: torch.Tensor) -> torch.Tensor:
-    """Effective rank ``exp(-Σ p_i log p_i)`` with ``p_i = σ_i / Σσ`` (Roy & Vetterli, 2007).
-
-    zbar: (B, D) -> scalar float32, no gradient. Between 1 and min(B, D); 0 for a zero matrix.
-    For logging only; local (not gathered across ranks).
-    """
-    _check_batch(zbar)
-    with torch.no_grad(), torch.autocast(device_type=zbar.device.type, enabled=False):
-        s = torch.linalg.svdvals(zbar.detach().float())
-        total = s.sum()
-        p = s / total.clamp_min(1e-30)
-        plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
-        return torch.where(total > 0, torch.exp(-plogp.sum()), torch.zeros_like(total))
-
-
-def nearest_neighbour_distance(zbar: torch.Tensor) -> torch.Tensor:
-    """Mean Euclidean distance from each row of zbar to its nearest other row.
-
-    zbar: (B, D) -> scalar float32, no gradient. For logging only; local (not gathered).
-    """
-    _check_batch(zbar)
-    with torch.no_grad(), torch.autocast(device_type=zbar.device.type, enabled=False):
-        return _nearest_neighbour_dist2(zbar.detach().float()).sqrt().mean()

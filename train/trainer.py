@@ -48,21 +48,18 @@ from core.io import append_jsonl, atomic_write, read_jsonl, write_jsonl
 from core.progress import progress_bar
 from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
-from eval.features import embed_images, extract_features, knn_accuracy
+from measure.features import embed_images, feature_batch
+from measure.health import health, held_out_images
+from measure.monitor import KnnMonitor
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.cluster import requeue, slurm_job_id
-from train.loss import effective_rank, nearest_neighbour_distance, simmer_loss
+from train.loss import simmer_loss
 from train.model import build_encoder_from_cfg
 from train.probe import OnlineProbe
 from train.rundir import RunDir
 from train.tracking import Tracker, parse_loggers, views_grid
 
 PART_NAMES = ("loss", "tv", "entropy", "rank")
-COLLAPSE_RANK = 2.0  # effective rank of zbar below this: (dimensional) collapse
-COLLAPSE_RANK_SHARE = 0.02  # ... or below this fraction of min(N, D): dimensional collapse from the start
-COLLAPSE_RANK_DROP = 0.4  # ... or below this fraction of the run's highest effective rank so far
-COLLAPSE_STD = 1e-3  # per-dimension std of zbar below this: collapse to a point
-KNN_BATCH = {"cuda": 2048, "cpu": 512}  # images per forward of the kNN monitor (eval mode, no gradient)
 
 
 class TrainingDiverged(UserError):
@@ -98,44 +95,6 @@ def validate_config(config: dict, check_files: bool = True) -> None:
             raise ConfigError(f"{train_info.path} holds images of several sizes: set cfg.image_size")
 
 
-def health(zbar: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
-    """Collapse indicators of embeddings (N, D): mean per-dimension std, effective rank, mean NN distance.
-
-    The run passes the held-out images' embeddings (``run.health_images``, eval mode), or the last
-    training batch's zbar when that is 0; the log keys keep the ``zbar_`` names either way.
-
-    ``collapsed`` is a heuristic: the effective rank is below 2, or below 2 % of min(N, D) (a few
-    dimensions of many: SimMER without its entropy and rank terms reaches this on real CIFAR-10
-    within an epoch, docs/LOSS.md), or below 40 % of ``peak_rank`` (the highest effective rank the
-    run has logged: dimensions are being lost), or the spread is ~0.
-    """
-    zbar = zbar.detach().float()
-    figures = {
-        "zbar_std": zbar.std(dim=0).mean().item(),
-        "zbar_effective_rank": effective_rank(zbar).item(),
-        "zbar_nn_distance": nearest_neighbour_distance(zbar).item(),
-    }
-    rank = figures["zbar_effective_rank"]
-    figures["collapsed"] = bool(rank < max(COLLAPSE_RANK, COLLAPSE_RANK_SHARE * min(zbar.shape))
-                                or rank < COLLAPSE_RANK_DROP * peak_rank or figures["zbar_std"] < COLLAPSE_STD)
-    return figures
-
-
-def held_out_images(data: dict, count: int, image_size: int, device: torch.device) -> torch.Tensor:
-    """The fixed images of the health figures: ``count`` evenly spaced images (all when fewer) of
-    ``data.test_beton``, or of the training beton when there is no test beton; uint8 on ``device``."""
-    path = data["test_beton"] if Path(data["test_beton"]).is_file() else data["train_beton"]
-    loader = BetonLoader(path, KNN_BATCH[device.type], train=False, device=device,
-                         num_workers=data["num_workers"], image_size=image_size)
-    chosen = np.unique(np.linspace(0, loader.num_samples - 1, min(count, loader.num_samples)).round().astype(np.int64))
-    kept, start = [], 0
-    for batch in loader:
-        inside = chosen[(chosen >= start) & (chosen < start + len(batch.images))] - start
-        kept.append(batch.images[torch.as_tensor(inside, device=device)])  # a copy: batches are reused buffers
-        start += len(batch.images)
-    return torch.cat(kept)
-
-
 def _health_embeddings(state: _Run, result: _Epoch) -> torch.Tensor | None:
     """What the epoch's health figures are computed on: the held-out images' z in eval mode
     (RankMe's protocol: independent of the batch size), or the last training batch's zbar."""
@@ -143,7 +102,7 @@ def _health_embeddings(state: _Run, result: _Epoch) -> torch.Tensor | None:
         return result.zbar
     amp = state.parts.step.amp_dtype is not None
     return embed_images(state.parts.encoder, state.health_images, state.parts.eval_transform,
-                        KNN_BATCH[state.device.type], amp=amp)
+                        feature_batch(state.device, state.health_images.shape[-1]), amp=amp)
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -323,7 +282,7 @@ class _Run:
     device: torch.device
     loader: BetonLoader
     parts: TrainingParts
-    knn_loaders: tuple[BetonLoader, BetonLoader] | None
+    monitor: KnnMonitor | None
     steps_per_epoch: int
     warmup_steps: int
     step: int = 0  # optimiser steps so far: the schedule position
@@ -420,13 +379,13 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
     if resume is not None:
         check_compatible(resume, config, RunDir(run["dir"]).last_checkpoint, steps_per_epoch)
     parts = build_training(cfg, run, device, image_size, world, resume, num_classes=info.num_classes)
-    knn_loaders = None
+    monitor = None
     if rank == 0 and not info.labelled and (run["knn_every"] or run["probe"]):
         print(f"{data['train_beton']} is unlabelled: the kNN monitor and the online probe are off", flush=True)
     if rank == 0 and run["knn_every"] and info.labelled:
-        knn_loaders = tuple(BetonLoader(path, KNN_BATCH[device.type], train=False, device=device, num_workers=data["num_workers"],
-                                        image_size=image_size) for path in (data["train_beton"], data["test_beton"]))
-    state = _Run(config, rank, world, device, loader, parts, knn_loaders, steps_per_epoch,
+        monitor = KnnMonitor(data["train_beton"], data["test_beton"], device, image_size, data["num_workers"],
+                             run["knn_k"], run["knn_temperature"], verify=bool(run["knn_verify"]))
+    state = _Run(config, rank, world, device, loader, parts, monitor, steps_per_epoch,
                  warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), cpu_estimate_due=device.type != "cuda")
     if rank == 0 and run["health_images"]:
         state.health_images = held_out_images(data, run["health_images"], image_size, device)
@@ -576,8 +535,11 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     if probe is not None and probe.seen:
         line["probe_train_top1"] = probe.train_top1()
         probe.reset()
-    if state.knn_loaders is not None and ((epoch + 1) % run["knn_every"] == 0 or last_epoch):
-        line.update(_monitor(state))
+    if state.monitor is not None and ((epoch + 1) % run["knn_every"] == 0 or last_epoch):
+        line.update(state.monitor.evaluate(state.parts.encoder.backbone, state.parts.eval_transform,
+                                           amp=state.parts.step.amp_dtype is not None, probe=state.parts.step.probe,
+                                           progress=state.show))
+        state.last_knn = line["knn_top1"]
     if state.world > 1:
         torch.distributed.barrier()
     epochs_this_run = epoch + 1 - state.start_epoch
@@ -599,19 +561,6 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     return stop_here
 
 
-def _monitor(state: _Run) -> dict[str, float]:
-    """kNN top-1/top-5 of the backbone, and the probe's test top-1 on the same test features."""
-    backbone, transform, show = state.parts.encoder.backbone, state.parts.eval_transform, state.show
-    bank, bank_labels = extract_features(backbone, state.knn_loaders[0], transform, progress=show, desc="kNN bank")
-    queries, labels = extract_features(backbone, state.knn_loaders[1], transform, progress=show, desc="kNN queries")
-    accuracy = knn_accuracy(bank, bank_labels, queries, labels, state.run["knn_k"], state.run["knn_temperature"])
-    state.last_knn = accuracy["top1"]
-    figures = {"knn_top1": accuracy["top1"], "knn_top5": accuracy["top5"]}
-    if state.parts.step.probe is not None:
-        figures["probe_test_top1"] = state.parts.step.probe.top1(queries, labels)
-    return figures
-
-
 def _finish(state: _Run) -> dict:
     """Writes the backbone and the summary of a finished run, shuts the loaders and the process group down."""
     state.writer.wait()  # the last checkpoint is on disk before the run says it is done
@@ -627,7 +576,7 @@ def _finish(state: _Run) -> dict:
         knn_text = f", last kNN top-1 {state.last_knn:.2%}" if state.last_knn is not None else ""
         print(f"done: {state.cfg['epochs']} epochs in {seconds / 60:.1f} min, {summary['images_per_s']:.0f} img/s"
               f"{knn_text}; backbone weights in {summary['backbone']}", flush=True)
-    state.loader = state.knn_loaders = None  # ffcv loaders go before the process group (PITFALLS)
+    state.loader = state.monitor = None  # ffcv loaders go before the process group (PITFALLS)
     gc.collect()
     if state.world > 1:
         torch.distributed.barrier()

@@ -1,0 +1,115 @@
+"""The loader's batches and the kNN monitor: what the device reads is what the beton holds.
+
+The loader lifecycle of a run (training epochs, one left early, then the monitor's passes at the
+last epoch, then the end of the run) is replayed on the CPU and every image the monitor evaluates
+is compared with the beton read on its own; corrupt labels stop with one error naming the batch.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from augment import build_eval_transform, resolve_preset
+from data_prep.loader import BetonLoader, CorruptBatchError
+from measure.features import extract_features, image_checksums
+from measure.knn import knn_accuracy
+from measure.monitor import KnnMonitor, read_checksums
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _transform():
+    return build_eval_transform(resolve_preset("cifar", 16))
+
+
+def test_batches_are_tensors_of_their_own(betons):
+    loader = BetonLoader(betons["test"], 16, train=False, num_workers=1)
+    kept = list(loader)  # kept across iterations: ffcv's slot buffers are reused, these must not be
+    images, labels = torch.cat([b.images for b in kept]), torch.cat([b.labels for b in kept])
+    assert len({b.images.data_ptr() for b in kept}) == len(kept)
+    assert kept[0].images.is_contiguous(memory_format=torch.channels_last)
+    sums, reference_labels = read_checksums(BetonLoader(betons["test"], 7, train=False, num_workers=1))
+    assert torch.equal(image_checksums(images), sums) and torch.equal(labels, reference_labels)
+    assert torch.equal(labels, torch.as_tensor(loader.info.labels))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_the_monitor_at_the_last_epoch_sees_the_betons_as_the_cpu_reads_them(betons, cached):
+    train = BetonLoader(betons["train"], 16, train=True, num_workers=1, seed=0)
+    monitor = KnnMonitor(betons["train"], betons["test"], torch.device("cpu"), 16, num_workers=1, k=10,
+                         verify=True, cache_bytes=None if cached else 0)
+    assert monitor.cached is cached
+    backbone, transform = _backbone(), _transform()
+    figures = []
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        for index, batch in enumerate(train):  # the training epochs between evaluations
+            batch.images.float().mean()
+            if epoch == 1 and index == 1:  # one epoch left early (a signal, run.steps_per_epoch, the views grid)
+                break
+        if epoch % 2 == 1:  # knn_every=2 and the last epoch: the verified evaluation raises on any mismatch
+            figures.append(monitor.evaluate(backbone, transform, amp=False))
+    assert figures[0] == figures[1]  # the same backbone, the same images: the same figures
+    bank, bank_labels = extract_features(backbone, monitor.loaders[0], transform)
+    queries, labels = extract_features(backbone, monitor.loaders[1], transform)
+    expected = knn_accuracy(bank, bank_labels, queries, labels, k=10, num_classes=10)
+    assert figures[-1] == {"knn_top1": expected["top1"], "knn_top5": expected["top5"]}
+    del train, monitor  # the end of the run: the loaders shut down
+
+
+def test_a_corrupted_image_in_the_monitors_cache_is_named(betons):
+    monitor = KnnMonitor(betons["train"], betons["test"], torch.device("cpu"), 16, num_workers=1, k=10, verify=True)
+    monitor.batch_size = 16  # batches of 16 images in the error's numbering
+    backbone, transform = _backbone(), _transform()
+    monitor.evaluate(backbone, transform, amp=False)
+    images, _ = monitor._cache[1]
+    images[37, 0, 0, 0] += 1  # one byte of query image 37, in batch 2
+    with pytest.raises(CorruptBatchError, match=r"batch 2 of .*test\.beton differs .* at image 37"):
+        monitor.evaluate(backbone, transform, amp=False)
+
+
+def test_labels_outside_the_classes_stop_extraction_naming_the_batch(betons, monkeypatch):
+    loader = BetonLoader(betons["test"], 16, train=False, num_workers=1)
+    real_iter = BetonLoader.__iter__
+
+    def corrupted(self):
+        for index, batch in enumerate(real_iter(self)):
+            if index == 2:
+                batch.labels[5] = 3820580758807316397  # a value seen on a GPU: eight image bytes read as a label
+            yield batch
+
+    monkeypatch.setattr(BetonLoader, "__iter__", corrupted)
+    with pytest.raises(CorruptBatchError, match=r"batch 2 \(images 32-47\) of .*test\.beton arrived with label "
+                                                r"3820580758807316397 at image 37, outside \[0, 10\)"):
+        extract_features(_backbone(), loader, _transform())
+
+
+def test_knn_refuses_absurd_labels_instead_of_allocating_for_them():
+    bank, queries = torch.randn(6, 4), torch.randn(3, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1, 140647037747088])
+    with pytest.raises(ValueError, match="corrupt labels"):
+        knn_accuracy(bank, labels, queries, torch.tensor([0, 1, 2]), k=3)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        knn_accuracy(bank, labels, queries, torch.tensor([0, 1, 2]), k=3, num_classes=3)
+
+
+def test_the_monitor_refuses_a_test_beton_of_other_classes(tmp_path):
+    import numpy as np
+
+    from core.config import ConfigError
+    from data_prep.sources import ArraySource
+    from data_prep.writer import write_betons
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(8, 16, 16, 3), dtype=np.uint8)
+    train, test = tmp_path / "a.beton", tmp_path / "b.beton"
+    write_betons({train: ArraySource(images, np.zeros(8, dtype=np.int64), ("zero",)),
+                  test: ArraySource(images, np.full(8, 3, dtype=np.int64), ("a", "b", "c", "three"))}, num_workers=1)
+    with pytest.raises(ConfigError, match="none of the labels"):
+        KnnMonitor(train, test, torch.device("cpu"), 16)
