@@ -29,9 +29,10 @@ from fastargs import Config, Param, Section
 from fastargs.exceptions import MissingValueError, ValidationError
 from fastargs.validation import Checker
 
+from core.choices import RANK_VARIANTS, SVD_METHODS, TV_REDUCTIONS
+
 DATASETS = ("cifar10", "cifar100", "miniimagenet", "folder", "synthetic")
 WRITE_MODES = ("raw", "jpg", "smart")
-RANK_VARIANTS = ("tlsm", "nuclear", "nuclear_spectral", "nuclear_frobenius")
 AUGMENT_PRESETS = ("auto", "cifar", "imagenet")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -159,10 +160,10 @@ def _declare(config: Config) -> None:
         alpha_h=Param(Float(0), "weight of the entropy term", default=0.1),
         alpha_r=Param(Float(0), "weight of the rank term", default=2e-4),
         rank_variant=Param(Choice(RANK_VARIANTS), "rank term: tlsm, nuclear, nuclear_spectral, nuclear_frobenius", default="nuclear"),
-        svd=Param(Choice(("auto", "newton_schulz", "svdvals")), "how the rank term gets singular values: newton_schulz "
+        svd=Param(Choice(SVD_METHODS), "how the rank term gets singular values: newton_schulz "
                   "(matmuls only, no host sync on GPU), svdvals (exact reference; syncs on CUDA), auto (newton_schulz "
                   "on GPU, svdvals on CPU)", default="auto"),
-        tv_reduction=Param(Choice(("mean", "sum")), "L_TV over the D dims: mean (SPEC) or sum (the paper's squared "
+        tv_reduction=Param(Choice(TV_REDUCTIONS), "L_TV over the D dims: mean (SPEC) or sum (the paper's squared "
                            "norm; = mean with alpha_h, alpha_r divided by D)", default="mean"),
         maxpool=Param(Int(-1, 1), "the ResNet stem's max-pool: 1 keep, 0 remove (the paper's Mini-ImageNet ResNet-18), "
                       "-1 = removed with the CIFAR stem, kept otherwise", default=-1),

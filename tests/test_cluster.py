@@ -120,13 +120,20 @@ def _single_process_epoch(betons: dict[str, Path], args: list[str], world: int) 
 
 def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path):
     """Two torchrun launches (one process each) meet through a c10d rendezvous, as two nodes would,
-    and train exactly as one process does on the same global batches."""
+    and train exactly as one process does on the same global batches. The processes run without
+    ``all_gather_single``, as on torch 2.11 (the GPU image's), so the loss's fallback gather is the
+    one that trains here (tests/test_loss.py checks both gathers' gradients)."""
     import torch
 
     from train.checkpoint import load_checkpoint
 
     port = _free_port()
-    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1"}
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import torch.distributed._functional_collectives as functional\n"
+                                           "del functional.all_gather_single\n")
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=0", "--run.probe=0",
                      "--run.logger=none")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",

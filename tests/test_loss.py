@@ -513,9 +513,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed_worker(rank: int, world_size: int, port: int) -> None:
+def _distributed_worker(rank: int, world_size: int, port: int, missing: tuple[str, ...] = ()) -> None:
     import torch.distributed as dist
+    import torch.distributed._functional_collectives as functional
 
+    for name in missing:  # as on an older torch (2.11 has no all_gather_single)
+        delattr(functional, name)
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -577,10 +580,11 @@ def _distributed_worker(rank: int, world_size: int, port: int) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_distributed_gather_equals_single_process():
+@pytest.mark.parametrize("missing", [(), ("all_gather_single",)], ids=["torch-2.14", "without-all_gather_single"])
+def test_distributed_gather_equals_single_process(missing):
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, _free_port(), missing), nprocs=2, join=True)
 
 
 # ---------------------------------------------------------------------------------------------
