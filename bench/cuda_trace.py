@@ -242,12 +242,6 @@ class CudaTrace(TorchDispatchMode):
             counts[r.region] += r.launch
         return counts
 
-    def op_counts(self, region: str | None = None, launches_only: bool = True) -> Counter[str]:
-        """How often each op ran (in ``region``, or everywhere), launches only by default."""
-        return Counter(
-            r.op for r in self.records if (region is None or r.region == region) and (r.launch or not launches_only)
-        )
-
     def summary(self) -> str:
         """One line per region: launches and syncs; then each sync."""
         lines = []

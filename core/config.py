@@ -163,7 +163,7 @@ def _declare(config: Config) -> None:
         svd=Param(Choice(SVD_METHODS), "how the rank term gets singular values: newton_schulz "
                   "(matmuls only, no host sync on GPU), svdvals (exact reference; syncs on CUDA), auto (newton_schulz "
                   "on GPU, svdvals on CPU)", default="auto"),
-        tv_reduction=Param(Choice(TV_REDUCTIONS), "L_TV over the D dims: mean (SPEC) or sum (the paper's squared "
+        tv_reduction=Param(Choice(TV_REDUCTIONS), "L_TV over the D dims: mean (docs/LOSS.md) or sum (the paper's squared "
                            "norm; = mean with alpha_h, alpha_r divided by D)", default="mean"),
         maxpool=Param(Int(-1, 1), "the ResNet stem's max-pool: 1 keep, 0 remove (the paper's Mini-ImageNet ResNet-18), "
                       "-1 = removed with the CIFAR stem, kept otherwise", default=-1),

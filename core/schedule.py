@@ -14,3 +14,8 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0) ->
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """The linear scaling rule of every optimiser here: ``base_lr · batch_size / 256``."""
+    return base_lr * batch_size / 256

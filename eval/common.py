@@ -10,13 +10,17 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from augment import build_eval_transform, resolve_preset
 from core.config import ConfigError
+from core.device import resolve_device
 from core.io import atomic_write
+from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
 from measure.knn import check_label_sets
 from train.checkpoint import CheckpointError, load_checkpoint, mismatch_summary
@@ -48,19 +52,12 @@ class EvalSetup:
         return build_eval_transform(self.preset).to(self.device)
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("eval.device=cuda but no CUDA device is available")
-    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
 def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     """Loads the encoder that ``config['eval']['checkpoint']`` names; validates the betons."""
     evaluation, cfg, data = config["eval"], config["cfg"], config["data"]
     train_info = inspect_beton(data["train_beton"])
     check_label_sets(train_info, inspect_beton(data["test_beton"]))
-    device = resolve_device(evaluation["device"])
+    device = resolve_device(evaluation["device"], "eval.device")
     source = evaluation["checkpoint"]
     if source == "random":
         arch_cfg, state, run_dir, step = {key: cfg[key] for key in ENCODER_KEYS}, None, None, 0
@@ -93,16 +90,55 @@ def prepare(config: dict, explicit: set[str]) -> EvalSetup:
     return EvalSetup(encoder.to(device), arch_cfg, preset, image_size, device, source, run_dir, step)
 
 
-def few_steps_message(protocol: str, images: int, batch_size: int, steps_per_epoch: int, epochs: int,
-                      minimum: int) -> str | None:
-    """The first half of the warning when a protocol gets fewer than ``minimum`` optimiser steps; else None."""
-    steps = epochs * steps_per_epoch
+def batches_per_epoch(images: int, batch_size: int) -> int:
+    """Batches of an epoch that uses every image (the last batch may be short)."""
+    return -(-images // batch_size)
+
+
+@dataclass(frozen=True)
+class FewSteps:
+    """A protocol that gets fewer optimiser steps than it needs, and a smaller batch that gets enough."""
+
+    message: str  # "<protocol> gets only N optimiser steps (E epochs x S batches of B...); fewer than M"
+    batch_size: int  # the advised batch
+    epochs: int  # the advised epochs
+    steps: int  # the steps at the advice
+
+
+def too_few_steps(protocol: str, images: int, batch_size: int, epochs: int, minimum: int, small_batch: int,
+                  steps_per_epoch: Callable[[int, int], int] = batches_per_epoch) -> FewSteps | None:
+    """None when ``epochs`` epochs over ``images`` at ``batch_size`` (clamped to ``images``) give at
+    least ``minimum`` optimiser steps; else the shortfall and the advice: a batch of at most
+    ``small_batch`` (never larger than the one asked for) and enough epochs to reach ``minimum``."""
+    if images <= 0:
+        return None
+    batch = min(batch_size, images)
+    per_epoch = steps_per_epoch(images, batch)
+    steps = epochs * per_epoch
     if steps >= minimum:
         return None
     clamped = f", the batch clamped to the {images} training images" if batch_size >= images else ""
-    batches = "batch" if steps_per_epoch == 1 else "batches"
-    return (f"{protocol} gets only {steps} optimiser steps ({epochs} epochs x {steps_per_epoch} {batches} of "
-            f"{batch_size}{clamped}); fewer than {minimum}")
+    batches = "batch" if per_epoch == 1 else "batches"
+    message = (f"{protocol} gets only {steps} optimiser steps ({epochs} epochs x {per_epoch} {batches} of "
+               f"{batch}{clamped}); fewer than {minimum}")
+    small = min(small_batch, batch)
+    small_per_epoch = steps_per_epoch(images, small)
+    small_epochs = max(epochs, -(-minimum // max(1, small_per_epoch)))
+    return FewSteps(message, small, small_epochs, small_epochs * small_per_epoch)
+
+
+def classifier_step(optimizer: torch.optim.Optimizer, logits: torch.Tensor, labels: torch.Tensor,
+                    step: int, total: int) -> torch.Tensor:
+    """One optimiser step of a protocol's classifier: every parameter group's lr set from its
+    ``base_lr`` on the cosine schedule (step ``step`` of ``total``), cross-entropy of ``logits`` in
+    float32, backward, step. Returns the loss (not synced)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, total, group["base_lr"])
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:

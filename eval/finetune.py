@@ -4,7 +4,7 @@
     python eval/finetune.py --eval.checkpoint=runs/mini_r18/checkpoints/last.pt \\
         --data.train_beton=data/miniimagenet_train_40shot.beton --data.test_beton=data/miniimagenet_test.beton
 
-Defaults (SPEC §2, paper §3.4): SGD with momentum 0.9, no weight decay, base lr 0.1 for the
+Defaults (README, "Evaluation"; paper §3.4): SGD with momentum 0.9, no weight decay, base lr 0.1 for the
 head and 0.001 for the backbone, both scaled by B/256, batch 512, 40 epochs, cosine. Training
 images get RandomResizedCrop + flip (the augmentation module's ``*_linear`` preset); the
 backbone's BatchNorm layers train. Reports top-1 and top-5 on the whole test set.
@@ -20,15 +20,16 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import build_augmentation  # noqa: E402
 from core.config import ConfigError, parse_config, run_cli  # noqa: E402
 from core.progress import epoch_line, progress_bar  # noqa: E402
-from core.schedule import lr_at  # noqa: E402
+from core.schedule import scaled_lr  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
-from eval.common import EVAL_SECTIONS, EvalSetup, default_out, few_steps_message, prepare, write_results  # noqa: E402
+from eval.common import (EVAL_SECTIONS, EvalSetup, batches_per_epoch, classifier_step, default_out,  # noqa: E402
+                         prepare, write_results)
+from eval.common import too_few_steps as common_too_few_steps  # noqa: E402
 from measure.features import autocast_context, extract_features  # noqa: E402
 from measure.knn import topk_accuracy  # noqa: E402
 from eval.linear import new_classifier  # noqa: E402
@@ -50,15 +51,10 @@ def finetune(setup: EvalSetup, loader: BetonLoader, num_classes: int, epochs: in
         for batch in loader:
             if len(batch.images) < 2:  # a last batch of one image: BatchNorm cannot train on it
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, group["base_lr"])
             views = augment(batch.images)
             with autocast_context(setup.device, setup.device.type == "cuda"):
                 logits = head(backbone(views).float())
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = classifier_step(optimizer, logits, batch.labels, step, total)
             step += 1
             bar.update(1)
         epoch_line(progress, f"fine-tune epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
@@ -75,7 +71,7 @@ SMALL_SET_BATCH = 128
 def steps_per_epoch(images: int, batch_size: int) -> int:
     """Optimiser steps of a fine-tuning epoch: every batch, the last one short, except a last batch
     of one image (BatchNorm cannot train on one image; :func:`finetune` skips it)."""
-    return -(-images // batch_size) - (1 if images % batch_size == 1 else 0)
+    return batches_per_epoch(images, batch_size) - (1 if images % batch_size == 1 else 0)
 
 
 def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
@@ -84,19 +80,13 @@ def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
     ``batch_size`` is the one asked for (it is clamped to ``images``; every image is used each
     epoch, the last batch may be short: :func:`steps_per_epoch`).
     """
-    if images <= 0:
+    few = common_too_few_steps("fine-tuning", images, batch_size, epochs, MIN_STEPS, SMALL_SET_BATCH, steps_per_epoch)
+    if few is None:
         return None
-    batch = min(batch_size, images)
-    first = few_steps_message("fine-tuning", images, batch, steps_per_epoch(images, batch), epochs, MIN_STEPS)
-    if first is None:
-        return None
-    small = min(SMALL_SET_BATCH, batch)  # never a larger batch than the one asked for
-    small_per_epoch = steps_per_epoch(images, small)
-    small_epochs = max(epochs, -(-MIN_STEPS // small_per_epoch))
-    return (f"{first} usually leave the new linear head far from converged (the paper's 40-shot protocol takes "
-            f"320). Use a smaller --finetune.batch_size (the learning rates scale with it) or more "
-            f"--finetune.epochs, e.g. --finetune.batch_size={small} --finetune.epochs={small_epochs} "
-            f"({small_epochs * small_per_epoch} steps)")
+    return (f"{few.message} usually leave the new linear head far from converged (the paper's 40-shot protocol "
+            f"takes 320). Use a smaller --finetune.batch_size (the learning rates scale with it) or more "
+            f"--finetune.epochs, e.g. --finetune.batch_size={few.batch_size} --finetune.epochs={few.epochs} "
+            f"({few.steps} steps)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,19 +106,19 @@ def main(argv: list[str] | None = None) -> dict:
     if warning:  # said before the work, which it may make pointless
         warnings.warn(warning)
     batch_size = min(tune["batch_size"], train_info.num_samples)
-    scale = batch_size / 256
     loader = BetonLoader(data["train_beton"], batch_size, train=True, drop_last=False, device=setup.device,
                          num_workers=data["num_workers"], seed=config["cfg"]["seed"], image_size=setup.image_size)
     test_loader = setup.eval_loader(data["test_beton"], evaluation["batch_size"], data["num_workers"])
     num_classes = max(train_info.num_classes, test_loader.info.num_classes)
-    head = finetune(setup, loader, num_classes, tune["epochs"], tune["head_lr"] * scale, tune["backbone_lr"] * scale,
+    head_lr, backbone_lr = scaled_lr(tune["head_lr"], batch_size), scaled_lr(tune["backbone_lr"], batch_size)
+    head = finetune(setup, loader, num_classes, tune["epochs"], head_lr, backbone_lr,
                     tune["momentum"], tune["weight_decay"], progress=bool(evaluation["progress"]))
     features, labels = extract_features(setup.backbone, test_loader, setup.eval_transform(),
                                         progress=bool(evaluation["progress"]), desc="test features")
     with torch.no_grad():
         accuracy = topk_accuracy(head(features), labels)
     results = {"protocol": "finetune", **accuracy, "epochs": tune["epochs"], "batch_size": batch_size,
-               "head_lr": tune["head_lr"] * scale, "backbone_lr": tune["backbone_lr"] * scale,
+               "head_lr": head_lr, "backbone_lr": backbone_lr,
                "momentum": tune["momentum"], "weight_decay": tune["weight_decay"], "optimizer": "SGD",
                "labelled_images": train_info.num_samples, "checkpoint": setup.source, "arch": setup.arch_cfg["arch"],
                "train_beton": data["train_beton"], "test_beton": data["test_beton"],

@@ -4,7 +4,7 @@
     python eval/linear.py --eval.checkpoint=random --cfg.arch=resnet18          # the baseline
     python eval/linear.py --linear.mode=cached ...                              # fast variant
 
-Defaults (SPEC §2): batch 4096, lr 0.1·B/256, weight decay 0, momentum 0.9, cosine, 90 epochs,
+Defaults (README, "Evaluation"): batch 4096, lr 0.1·B/256, weight decay 0, momentum 0.9, cosine, 90 epochs,
 LARS (timm's, trust ratio on the weight matrix only, as SimSiam's LARS); the classifier's weights
 start N(0, 0.01²), its bias at 0. Training images get RandomResizedCrop + flip (the
 augmentation module's ``*_linear`` preset, K=1) every epoch; the backbone runs in eval mode.
@@ -24,15 +24,16 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import build_augmentation  # noqa: E402
 from core.config import parse_config, run_cli  # noqa: E402
 from core.progress import epoch_line, progress_bar  # noqa: E402
-from core.schedule import lr_at  # noqa: E402
+from core.schedule import scaled_lr  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
-from eval.common import EVAL_SECTIONS, EvalSetup, default_out, few_steps_message, prepare, write_results  # noqa: E402
+from eval.common import (EVAL_SECTIONS, EvalSetup, batches_per_epoch, classifier_step, default_out,  # noqa: E402
+                         prepare, write_results)
+from eval.common import too_few_steps as common_too_few_steps  # noqa: E402
 from measure.features import autocast_context, extract_features  # noqa: E402
 from measure.knn import topk_accuracy  # noqa: E402
 
@@ -49,7 +50,8 @@ def lars(head: nn.Linear, lr: float, momentum: float, weight_decay: float) -> to
     """timm's LARS with the trust ratio on the weight matrix only (not on the bias), as SimSiam's."""
     from timm.optim import Lars
 
-    return Lars([{"params": [head.weight], "always_adapt": True}, {"params": [head.bias], "always_adapt": False}],
+    return Lars([{"params": [head.weight], "always_adapt": True, "base_lr": lr},
+                 {"params": [head.bias], "always_adapt": False, "base_lr": lr}],
                 lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -60,18 +62,12 @@ def train_on_cached(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     generator = torch.Generator().manual_seed(seed)
     head = new_classifier(features.shape[1], num_classes).to(features.device)
     optimizer = lars(head, lr, momentum, weight_decay)
-    steps_per_epoch = -(-len(features) // batch_size)
-    total, step = epochs * steps_per_epoch, 0
+    total, step = epochs * batches_per_epoch(len(features), batch_size), 0
     for epoch in progress_bar(range(epochs), progress, desc="linear (cached)", unit="epoch"):
         order = torch.randperm(len(features), generator=generator).to(features.device)
         for start in range(0, len(features), batch_size):
             index = order[start:start + batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, lr)
-            loss = F.cross_entropy(head(features[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = classifier_step(optimizer, head(features[index]), labels[index], step, total)
             step += 1
         epoch_line(progress, f"linear (cached) epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
     return head
@@ -90,12 +86,7 @@ def train_with_augmentation(setup: EvalSetup, loader: BetonLoader, num_classes: 
         for batch in progress_bar(loader, progress, desc=f"linear epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
             with torch.no_grad(), autocast_context(setup.device, setup.device.type == "cuda"):
                 features = backbone(augment(batch.images)).float()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, lr)
-            loss = F.cross_entropy(head(features), batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = classifier_step(optimizer, head(features), batch.labels, step, total)
             step += 1
         epoch_line(progress, f"linear epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
     return head
@@ -114,20 +105,13 @@ def too_few_steps(images: int, batch_size: int, epochs: int) -> str | None:
     ``batch_size`` is the one asked for (it is clamped to ``images``). Both modes use every image
     each epoch (the last batch may be short).
     """
-    if images <= 0:
+    few = common_too_few_steps("the linear protocol", images, batch_size, epochs, MIN_STEPS, SMALL_SET_BATCH)
+    if few is None:
         return None
-    batch = min(batch_size, images)
-    per_epoch = -(-images // batch)
-    first = few_steps_message("the linear protocol", images, batch, per_epoch, epochs, MIN_STEPS)
-    if first is None:
-        return None
-    small = min(SMALL_SET_BATCH, batch)  # never a larger batch than the one asked for
-    small_per_epoch = -(-images // small)
-    small_epochs = max(epochs, -(-MIN_STEPS // small_per_epoch))
-    return (f"{first} usually leave the linear classifier far from converged (SimSiam's protocol takes 1,170 on "
-            f"CIFAR-10) and its accuracy near chance. For a set this small use --linear.mode=cached "
-            f"--linear.batch_size={small} --linear.lr=1.0 --linear.epochs={small_epochs} "
-            f"({small_epochs * small_per_epoch} steps; cached features make an epoch cheap)")
+    return (f"{few.message} usually leave the linear classifier far from converged (SimSiam's protocol takes 1,170 "
+            f"on CIFAR-10) and its accuracy near chance. For a set this small use --linear.mode=cached "
+            f"--linear.batch_size={few.batch_size} --linear.lr=1.0 --linear.epochs={few.epochs} "
+            f"({few.steps} steps; cached features make an epoch cheap)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_features, test_labels = extract_features(setup.backbone, test_loader, transform, progress=show, desc="test features")
     num_classes = max(train_info.num_classes, int(test_labels.max()) + 1)
     batch_size = min(linear["batch_size"], train_info.num_samples)
-    lr = linear["lr"] * batch_size / 256
+    lr = scaled_lr(linear["lr"], batch_size)
     if linear["mode"] == "cached":
         bank_loader = setup.eval_loader(data["train_beton"], evaluation["batch_size"], data["num_workers"])
         features, labels = extract_features(setup.backbone, bank_loader, transform, progress=show, desc="train features")

@@ -12,16 +12,16 @@ import contextlib
 import torch
 from torch import nn
 
+from core.device import amp_dtype
 from core.progress import progress_bar
 from data_prep.loader import BetonLoader, check_batch_labels
 
 
 def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA device that supports it, fp16 on older ones; nothing elsewhere."""
+    """Autocast in :func:`core.device.amp_dtype` on a CUDA device when ``enabled``; nothing elsewhere."""
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=amp_dtype(device))
 
 
 def feature_batch(device: torch.device, image_size: int) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from core.config import UserError
 from core.io import atomic_write
-from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, backbone_state, build_backbone, use_cifar_stem
+from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, backbone_state
 
 
 
@@ -189,16 +189,3 @@ def save_backbone(encoder: torch.nn.Module, path: str | os.PathLike) -> None:
     """
     state = backbone_state(encoder)
     atomic_write(path, lambda handle: torch.save(state, handle))
-
-
-def load_backbone(arch: str, path: str | os.PathLike, image_size: int,
-                  cifar_stem: bool | None = None, maxpool: bool | None = None) -> torch.nn.Module:
-    """A fresh timm ``arch`` (stem as :func:`train.model.use_cifar_stem` decides) with the weights at ``path``.
-
-    Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F). Raises ``FileNotFoundError``
-    when there is no file, ``RuntimeError`` when the weights do not fit ``arch``.
-    """
-    stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
-    backbone = build_backbone(arch, stem, maxpool)
-    backbone.load_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
-    return backbone

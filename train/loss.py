@@ -1,7 +1,7 @@
 """The SimMER loss: total variance + entropy + rank, as pure functions.
 
 Paper: "SimMER: Simple Maximization of Entropy and Rank for Self-supervised Representation
-Learning" (§2, equations 2, 5, 8, 9, 13, 14, 15), with the typos fixed as in SPEC §1.
+Learning" (§2, equations 2, 5, 8, 9, 13, 14, 15), with the typos fixed as docs/LOSS.md lists them.
 
 For a batch of B images with K views each, ``z`` has shape (K, B, D) (view-major: view k of
 image b is ``z[k, b]``) and ``zbar = z.mean(0)`` of shape (B, D) is the view-averaged
@@ -111,7 +111,7 @@ def _nearest_neighbour_dist2(zbar: torch.Tensor) -> torch.Tensor:
 def total_variance(z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Total variance across views (paper eq. 2).
 
-    z: (K, B, D) -> scalar. ``reduction="mean"`` (SPEC §1): ``((z - z.mean(0)) ** 2).mean()``, the
+    z: (K, B, D) -> scalar. ``reduction="mean"`` (docs/LOSS.md): ``((z - z.mean(0)) ** 2).mean()``, the
     mean over views, images and dims. ``"sum"`` (the paper's squared L2 norm): summed over the D
     dims, averaged over views and images, so D times the mean; under Adam this equals the mean
     with alpha_h and alpha_r divided by D.

@@ -31,8 +31,8 @@ The backbone alone
     apply_cifar_stem(backbone)          # only if trained with the CIFAR stem (32-px data)
     backbone.load_state_dict(torch.load("backbone.pt", weights_only=True))
 
-or, equivalently, ``train.checkpoint.load_backbone("resnet18", "backbone.pt", image_size=32)``. Whether the stem
-was used follows :func:`use_cifar_stem` (ResNet family and images of 64 px or less).
+Whether the stem was used follows :func:`use_cifar_stem` (ResNet family and images of 64 px or
+less); ``train/export.py`` writes a folder that timm loads without this project.
 """
 
 from __future__ import annotations

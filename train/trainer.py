@@ -576,7 +576,7 @@ def _finish(state: _Run) -> dict:
         knn_text = f", last kNN top-1 {state.last_knn:.2%}" if state.last_knn is not None else ""
         print(f"done: {state.cfg['epochs']} epochs in {seconds / 60:.1f} min, {summary['images_per_s']:.0f} img/s"
               f"{knn_text}; backbone weights in {summary['backbone']}", flush=True)
-    state.loader = state.monitor = None  # ffcv loaders go before the process group (PITFALLS)
+    state.loader = state.monitor = None  # ffcv loaders go before the process group (a live one aborts the exit)
     gc.collect()
     if state.world > 1:
         torch.distributed.barrier()
