@@ -11,7 +11,7 @@ DEMO_DATA := data/synthetic_train.beton data/synthetic_test.beton
 
 setup: $(VENV)/.complete
 
-$(VENV)/.complete: requirements.txt tools/setup_env.sh
+$(VENV)/.complete: requirements.txt pyproject.toml tools/setup_env.sh
 	VENV=$(VENV) bash tools/setup_env.sh
 
 test: setup

@@ -45,3 +45,15 @@ def test_every_import_points_down():
                 if module in layers and layers.index(module) > layers.index(package):
                     violations.append(f"{path.relative_to(REPO)}:{line} imports {module} (above {package})")
     assert not violations, "\n".join(violations)
+
+
+def test_every_package_imports_from_any_folder(tmp_path):
+    """pyproject.toml installs every package (editable): the project imports outside its root too."""
+    import subprocess
+    import sys
+
+    layers = _layers()
+    code = "import " + ", ".join(f"{package}" for package in layers) + "; import train.trainer, eval.knn"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "NUMBA_THREADING_LAYER": "omp"})
+    assert result.returncode == 0, result.stderr[-2000:]
