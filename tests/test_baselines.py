@@ -12,9 +12,6 @@ import io
 import itertools
 import json
 import math
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +19,12 @@ import pytest
 import torch
 import yaml
 
+from baseline_workers import BASELINES, distributed_worker, free_port
 from bench.step_trace import trace_device_regions
 from core.config import METHODS, ConfigError
-from train.checkpoint import CheckpointError
 from data_fixtures import tiny_args
 from eval.knn import main as knn_main
+from train.checkpoint import CheckpointError
 from train.export import read_run
 from train.loss import barlow_twins_loss, nt_xent_loss, simsiam_loss, vicreg_loss
 from train.methods import get_method
@@ -36,7 +34,6 @@ from train.pretrain import main as pretrain_main
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "cifar10_r18_k4.yaml"
-BASELINES = ("vicreg", "barlow_twins", "simclr", "simsiam")
 SHAPES = ((2, 8, 5), (3, 6, 4), (4, 10, 7), (2, 5, 12))  # (K, B, D)
 
 
@@ -229,52 +226,12 @@ def test_the_step_of_each_method_makes_no_host_sync_on_cuda(method):
 
 
 # ----------------------------------------------------------------- distributed: global batch
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank: int, world_size: int, port: int) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    K, B, Din, D = 3, 12, 5, 6
-    local = slice(rank * B // world_size, (rank + 1) * B // world_size)
-    g = torch.Generator().manual_seed(0)  # the same on every rank
-    x = torch.randn(K, B, Din, generator=g, dtype=torch.float64)
-    w_init = torch.randn(Din, D, generator=g, dtype=torch.float64)
-    head = torch.randn(D, D, generator=g, dtype=torch.float64)  # a stand-in predictor for SimSiam
-
-    def loss_and_grad(name: str, images: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        w = w_init.clone().requires_grad_()
-        z = x[:, images] @ w
-        total, _ = simsiam_loss(z, z @ head) if name == "simsiam" else get_method(name).loss(z)
-        total.backward()
-        return total.detach(), w.grad
-
-    full = {name: loss_and_grad(name, slice(None)) for name in BASELINES}  # one process, the whole batch
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
-        for name in BASELINES:
-            total, grad = loss_and_grad(name, local)  # this rank's half, through the gathered z
-            for tensor in (total, grad):
-                dist.all_reduce(tensor)
-                tensor /= world_size  # what DDP does to gradients; what the trainer logs
-            torch.testing.assert_close(total, full[name][0], rtol=1e-9, atol=1e-12, msg=name)
-            torch.testing.assert_close(grad, full[name][1], rtol=1e-9, atol=1e-12, msg=name)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch():
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(distributed_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 # --------------------------------------------------------------------------- model, configs
