@@ -29,7 +29,7 @@ from fastargs import Config, Param, Section
 from fastargs.exceptions import MissingValueError, ValidationError
 from fastargs.validation import Checker
 
-from core.choices import RANK_VARIANTS, SVD_METHODS, TV_REDUCTIONS
+from core.choices import METHODS, RANK_VARIANTS, SVD_METHODS, TV_REDUCTIONS
 
 DATASETS = ("cifar10", "cifar100", "miniimagenet", "folder", "synthetic")
 WRITE_MODES = ("raw", "jpg", "smart")
@@ -157,6 +157,8 @@ def _declare(config: Config) -> None:
         lr=Param(Float(0, above=True), "Adam base learning rate; the used one is lr * batch_size / 256", default=1e-3),
         weight_decay=Param(Float(0), "Adam weight decay", default=1e-6),
         warmup_epochs=Param(Float(0), "linear warm-up before the cosine decay (epochs)", default=0.0),
+        method=Param(Choice(METHODS), "the self-supervised loss: simmer, or a baseline in the same pipeline: "
+                     "vicreg, barlow_twins, simclr, simsiam (README: Baselines)", default="simmer"),
         alpha_h=Param(Float(0), "weight of the entropy term", default=0.1),
         alpha_r=Param(Float(0), "weight of the rank term", default=2e-4),
         rank_variant=Param(Choice(RANK_VARIANTS), "rank term: tlsm, nuclear, nuclear_spectral, nuclear_frobenius", default="nuclear"),
@@ -165,6 +167,11 @@ def _declare(config: Config) -> None:
                   "on GPU, svdvals on CPU)", default="auto"),
         tv_reduction=Param(Choice(TV_REDUCTIONS), "L_TV over the D dims: mean (docs/LOSS.md) or sum (the paper's squared "
                            "norm; = mean with alpha_h, alpha_r divided by D)", default="mean"),
+        vicreg_sim=Param(Float(0), "VICReg: weight of the invariance term", default=25.0),
+        vicreg_var=Param(Float(0), "VICReg: weight of the variance term", default=25.0),
+        vicreg_cov=Param(Float(0), "VICReg: weight of the covariance term", default=1.0),
+        barlow_lambda=Param(Float(0), "Barlow Twins: weight of the off-diagonal term", default=0.0051),
+        temperature=Param(Float(0, above=True), "SimCLR: temperature of NT-Xent", default=0.5),
         maxpool=Param(Int(-1, 1), "the ResNet stem's max-pool: 1 keep, 0 remove (the paper's Mini-ImageNet ResNet-18), "
                       "-1 = removed with the CIFAR stem, kept otherwise", default=-1),
         rank_bias=Param(Flag(), "append a column of ones to zbar in the rank term (0/1)", default=0),

@@ -1,4 +1,4 @@
-"""Tests for train/loss.py: the SimMER loss read as the spec (SPEC §1, paper §2).
+"""Tests for train/loss.py: the SimMER loss read as the spec (docs/LOSS.md, paper §2).
 
 Each term is compared with an independent float64 numpy reference written from the paper's
 equations; then invariances, gradients, numerical safety, dtypes, torch.compile, the
@@ -47,7 +47,7 @@ def ref_zbar(z: np.ndarray) -> np.ndarray:
     for b in range(B):
         for k in range(K):
             zbar[b] += z[k, b]
-        zbar[b] /= K  # the paper's 1/B here is a typo for 1/K (SPEC §1)
+        zbar[b] /= K  # the paper's 1/B here is a typo for 1/K (docs/LOSS.md)
     return zbar
 
 

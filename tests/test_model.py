@@ -16,7 +16,7 @@ from train.model import (
     default_projector_layers,
     use_cifar_stem,
 )
-from train.checkpoint import load_backbone, save_backbone
+from train.checkpoint import save_backbone
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,6 @@ def test_backbone_roundtrip_into_plain_timm(tmp_path, r18_encoder: SimMEREncoder
     apply_cifar_stem(fresh)
     assert set(state) == set(fresh.state_dict())
     fresh.load_state_dict(state)
-    loaded = load_backbone("resnet18", path, image_size=32)
 
     x = torch.randn(3, 3, 32, 32)
     r18_encoder.eval()
@@ -180,11 +179,9 @@ def test_backbone_roundtrip_into_plain_timm(tmp_path, r18_encoder: SimMEREncoder
         with torch.no_grad():
             expected = r18_encoder.forward_features(x)
             got_timm = fresh.eval()(x)
-            got_loaded = loaded.eval()(x)
     finally:
         r18_encoder.train()
     torch.testing.assert_close(got_timm, expected)
-    torch.testing.assert_close(got_loaded, expected)
 
 
 def test_save_backbone_strips_compile_wrapper(tmp_path) -> None:

@@ -166,8 +166,9 @@ def check_compatible(checkpoint: dict, current: dict, path: str | Path, steps_pe
     """
     saved = checkpoint["config"]
     before = {key: saved["cfg"].get(key, ENCODER_DEFAULTS.get(key)) for key in ENCODER_KEYS}
-    differences = [f"cfg.{key}: checkpoint {before[key]!r} vs now {current['cfg'].get(key)!r}"
-                   for key in ENCODER_KEYS if before[key] != current["cfg"].get(key)]
+    now = {key: current["cfg"].get(key, ENCODER_DEFAULTS.get(key)) for key in ENCODER_KEYS}
+    differences = [f"cfg.{key}: checkpoint {before[key]!r} vs now {now[key]!r}"
+                   for key in ENCODER_KEYS if before[key] != now[key]]
     if differences:
         raise CheckpointError(f"{path} was made with another architecture ({'; '.join(differences)}); "
                               "use another --run.dir or the same settings")

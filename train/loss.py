@@ -38,9 +38,15 @@ singular values. By default (``svd="auto"``) the GPU takes the Newton–Schulz p
 where svdvals is faster, svdvals. See :func:`rank_loss`.
 
 Distributed: see :func:`simmer_loss`.
+
+Baselines: the losses of VICReg, Barlow Twins, SimCLR (NT-Xent) and SimSiam, with the same
+interface (z of shape (K, B, D) in, ``(total, parts)`` out), end this module; train/methods.py
+says which one a run uses.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -54,10 +60,14 @@ __all__ = [
     "RANK_VARIANTS",
     "SVD_METHODS",
     "TV_REDUCTIONS",
+    "barlow_twins_loss",
     "entropy_loss",
+    "nt_xent_loss",
     "rank_loss",
     "simmer_loss",
+    "simsiam_loss",
     "total_variance",
+    "vicreg_loss",
 ]
 
 # Floor on squared nearest-neighbour distances: log(d) = 0.5 * log(d² + eps).
@@ -278,3 +288,172 @@ def simmer_loss(
         r = rank_loss(zbar, variant=rank_variant, bias=rank_bias, svd=svd)
         total = tv + alpha_h * h + alpha_r * r
     return total, {"tv": tv, "entropy": h, "rank": r}
+
+
+def _view_pairs(K: int) -> list[tuple[int, int]]:
+    """The unordered view pairs (i, j), i < j: K(K-1)/2 of them."""
+    return [(i, j) for i in range(K) for j in range(i + 1, K)]
+
+
+def _gather_views(z: torch.Tensor) -> torch.Tensor:
+    """z (K, b, D) of every rank, concatenated along the batch with gradient: (K, N·b, D)."""
+    if _world_size() == 1:
+        return z
+    K, b, D = z.shape
+    gathered = _all_gather_with_grad(z.transpose(0, 1).reshape(b, K * D))  # (N·b, K·D)
+    return gathered.reshape(-1, K, D).transpose(0, 1)
+
+
+def _off_diagonal_sq_sum(c: torch.Tensor) -> torch.Tensor:
+    """Σ_{i≠j} c_ij² of square matrices (..., D, D) -> (...)."""
+    return c.pow(2).sum((-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).pow(2).sum(-1)
+
+
+def vicreg_loss(
+    z: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg (Bardes, Ponce & LeCun, ICLR 2022), as the official code computes it.
+
+    For two views a, b of shape (B, D)::
+
+        invariance = mean((a − b)²)                                   over B and D
+        variance   = ½ mean_d relu(1 − sqrt(Var(a)_d + 1e-4)) + the same for b   (unbiased Var)
+        covariance = Σ_{i≠j} C(a)_ij² / D + Σ_{i≠j} C(b)_ij² / D,     C = centredᵀ centred / (B − 1)
+        total      = sim_weight · invariance + var_weight · variance + cov_weight · covariance
+
+    For K views each term is the mean over the pairs i < j; then invariance is
+    ``2K/(K−1) · mean((z − zbar)²)`` (Σ_{i<j} ‖z_i − z_j‖² = K Σ_i ‖z_i − zbar‖²), variance the
+    mean of the views' terms and covariance twice the mean of theirs.
+
+    Args:
+        z: (K, B, D) representations, any float dtype, any device.
+
+    Returns:
+        ``(total, parts)``: parts ``invariance``, ``variance``, ``covariance`` (unweighted), scalars.
+
+    Distributed: the invariance term is local (the mean over ranks is the global one, as the
+    official code and simmer's TV); variance and covariance are those of the global batch.
+    """
+    _check_views(z)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = _upcast(z)
+        K = z.shape[0]
+        invariance = (2.0 * K / (K - 1)) * (z - z.mean(0, keepdim=True)).pow(2).mean()
+        z = _gather_views(z)
+        n, D = z.shape[1], z.shape[2]
+        centred = z - z.mean(1, keepdim=True)  # (K, N, D)
+        std = torch.sqrt(centred.pow(2).sum(1) / (n - 1) + 1e-4)  # (K, D)
+        variance = torch.relu(1.0 - std).mean()  # mean over views of ½ + ½ per pair
+        cov = centred.mT @ centred / (n - 1)  # (K, D, D)
+        covariance = 2.0 * (_off_diagonal_sq_sum(cov) / D).mean()
+        total = sim_weight * invariance + var_weight * variance + cov_weight * covariance
+    return total, {"invariance": invariance, "variance": variance, "covariance": covariance}
+
+
+def barlow_twins_loss(z: torch.Tensor, lambd: float = 0.0051) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Barlow Twins (Zbontar et al., ICML 2021), as the official code computes it.
+
+    Each view is standardised over the batch (biased variance, eps 1e-5: BatchNorm1d without
+    affine); for two views a, b the cross-correlation is ``C = aᵀ b / B`` (D, D) and::
+
+        on_diagonal  = Σ_i (1 − C_ii)²
+        off_diagonal = Σ_{i≠j} C_ij²
+        total        = on_diagonal + lambd · off_diagonal
+
+    For K views each term is the mean over the pairs i < j.
+
+    Args:
+        z: (K, B, D) representations, any float dtype, any device.
+
+    Returns:
+        ``(total, parts)``: parts ``on_diagonal``, ``off_diagonal`` (unweighted), scalars.
+
+    Distributed: z is gathered, so C is the global batch's (the official code all-reduces C
+    after a SyncBatchNorm: the same).
+    """
+    _check_views(z)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = _gather_views(_upcast(z))
+        n = z.shape[1]
+        mean = z.mean(1, keepdim=True)
+        var = (z - mean).pow(2).mean(1, keepdim=True)
+        standard = (z - mean) / torch.sqrt(var + 1e-5)  # (K, N, D)
+        on_diagonal, off_diagonal = [], []
+        for i, j in _view_pairs(z.shape[0]):
+            c = standard[i].mT @ standard[j] / n  # (D, D)
+            on_diagonal.append((1.0 - torch.diagonal(c)).pow(2).sum())
+            off_diagonal.append(_off_diagonal_sq_sum(c))
+        on_diagonal, off_diagonal = torch.stack(on_diagonal).mean(), torch.stack(off_diagonal).mean()
+        total = on_diagonal + lambd * off_diagonal
+    return total, {"on_diagonal": on_diagonal, "off_diagonal": off_diagonal}
+
+
+def nt_xent_loss(z: torch.Tensor, temperature: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimCLR's NT-Xent (Chen et al., ICML 2020).
+
+    For two views a, b (B, D), the 2B embeddings ``e = [a; b]`` are L2-normalised and
+    ``s_mn = e_m · e_n / temperature``; anchor m's positive p(m) is its other view, the other
+    2B − 2 embeddings are its negatives::
+
+        ℓ_m        = −s_{m,p(m)} + log Σ_{n≠m} exp(s_mn)
+        positive   = mean_m −s_{m,p(m)}
+        logsumexp  = mean_m log Σ_{n≠m} exp(s_mn)
+        total      = mean_m ℓ_m = positive + logsumexp
+
+    For K views each term is the mean over the pairs i < j.
+
+    Args:
+        z: (K, B, D) representations, any float dtype, any device.
+
+    Returns:
+        ``(total, parts)``: parts ``positive``, ``logsumexp``, scalars.
+
+    Distributed: z is gathered, so the negatives are the global batch's.
+    """
+    _check_views(z)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = _gather_views(_upcast(z))
+        n = z.shape[1]
+        e = torch.nn.functional.normalize(z, dim=-1)  # (K, N, D)
+        self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        positive, logsumexp = [], []
+        for i, j in _view_pairs(z.shape[0]):
+            pair = torch.cat([e[i], e[j]])  # (2N, D)
+            s = pair @ pair.mT / temperature
+            positive.append(-(e[i] * e[j]).sum(-1).mean() / temperature)  # s_{m,p(m)} is symmetric
+            logsumexp.append(torch.logsumexp(s.masked_fill(self_mask, -math.inf), dim=1).mean())
+        positive, logsumexp = torch.stack(positive).mean(), torch.stack(logsumexp).mean()
+    return positive + logsumexp, {"positive": positive, "logsumexp": logsumexp}
+
+
+def simsiam_loss(z: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimSiam (Chen & He, CVPR 2021): negative cosine of predictions against stopped targets.
+
+    ``predictions`` p = h(z) come from the predictor MLP (train.model.build_predictor). For two
+    views: ``total = ½ D(p_1, sg(z_2)) + ½ D(p_2, sg(z_1))`` with ``D(p, t) = −mean_b cos(p_b, t_b)``
+    and sg the stop-gradient; for K views the mean of D(p_i, sg(z_j)) over the ordered pairs
+    i ≠ j, i.e. ``−Σ_i p̂_i · (Σ_j ẑ_j − ẑ_i) / (B K (K−1))`` with unit rows p̂, ẑ.
+
+    Args:
+        z: (K, B, D) projector outputs (the targets), any float dtype, any device.
+        predictions: (K, B, D) predictor outputs.
+
+    Returns:
+        ``(total, parts)``: parts ``z_std``, SimSiam's collapse monitor: the per-dimension std over
+        the batch of the L2-normalised z, mean over dimensions and views (0 for a collapsed z,
+        about 1/sqrt(D) for a spread one). Scalars.
+
+    Distributed: no batch statistics; each rank's loss is its shard's, whose mean over ranks is
+    the global batch's.
+    """
+    _check_views(z)
+    if predictions.shape != z.shape:
+        raise ValueError(f"predictions must have z's shape {tuple(z.shape)}; got {tuple(predictions.shape)}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        K, B = z.shape[0], z.shape[1]
+        target = torch.nn.functional.normalize(_upcast(z).detach(), dim=-1)  # (K, B, D)
+        p = torch.nn.functional.normalize(_upcast(predictions), dim=-1)
+        others = target.sum(0, keepdim=True) - target  # Σ_{j≠i} ẑ_j
+        total = -(p * others).sum() / (B * K * (K - 1))
+        z_std = target.std(1).mean()
+    return total, {"z_std": z_std}

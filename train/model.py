@@ -19,6 +19,10 @@ Linear(no bias)–BN(affine=False). Two layers for ResNet-18/34 (basic-block Res
 otherwise (ResNet-50); hidden width = F; output D = 2048. The projector's BatchNorm sees all K·B
 views of a step at once.
 
+Predictor (SimSiam only, ``cfg.method=simsiam``): Linear(D, D/4, no bias)–BN–ReLU–Linear(D/4, D),
+:func:`build_predictor`. It is part of the encoder's ``state_dict`` (``predictor.*``), so
+checkpoints keep it and a resume restores it; the backbone alone is what is evaluated and exported.
+
 The backbone alone
 -----------------
 :func:`backbone_state` is the backbone's ``state_dict`` with timm's own keys;
@@ -45,12 +49,15 @@ from timm.models import ResNet
 from timm.models.resnet import BasicBlock
 from torch import nn
 
+from train.methods import get_method
+
 __all__ = [
     "CIFAR_STEM_MAX_SIZE",
     "SimMEREncoder",
     "apply_cifar_stem",
     "build_backbone",
     "build_encoder",
+    "build_predictor",
     "build_projector",
     "default_projector_layers",
     "ENCODER_DEFAULTS",
@@ -64,12 +71,13 @@ __all__ = [
 CIFAR_STEM_MAX_SIZE = 64
 """Largest image side (pixels) for which ResNets get the CIFAR stem."""
 
-ENCODER_KEYS = ("arch", "cifar_stem", "maxpool", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment")
+ENCODER_KEYS = ("arch", "cifar_stem", "maxpool", "proj_dim", "proj_layers", "proj_hidden", "image_size", "augment",
+                "method")
 """The ``cfg`` keys that define an encoder and the input it expects: the weights' shapes, the stem,
-and the augmentation preset whose normalisation statistics it was trained on. A checkpoint resumes
-and evaluates only with these unchanged; the one list of them."""
+the augmentation preset whose normalisation statistics it was trained on, and the method (whether
+there is a predictor). A checkpoint resumes and evaluates only with these unchanged; the one list of them."""
 
-ENCODER_DEFAULTS = {"maxpool": -1}
+ENCODER_DEFAULTS = {"maxpool": -1, "method": "simmer"}
 """What a key added to :data:`ENCODER_KEYS` later means in the configs of older checkpoints."""
 
 
@@ -207,21 +215,41 @@ def build_projector(
     return nn.Sequential(*layers)
 
 
+def build_predictor(dim: int, hidden_dim: int | None = None) -> nn.Sequential:
+    """SimSiam's prediction MLP: (N, dim) -> (N, dim).
+
+    Linear(dim, hidden, bias=False)–BatchNorm1d–ReLU–Linear(hidden, dim); ``hidden_dim`` defaults
+    to ``max(1, dim // 4)`` (SimSiam: 2048 -> 512 -> 2048).
+
+    Raises:
+        ValueError: a non-positive width.
+    """
+    hidden_dim = max(1, dim // 4) if hidden_dim is None else hidden_dim
+    if min(dim, hidden_dim) < 1:
+        raise ValueError(f"predictor widths must be positive, got {dim=}, {hidden_dim=}")
+    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, dim))
+
+
 class SimMEREncoder(nn.Module):
-    """Backbone + projector. ``forward`` takes all views at once.
+    """Backbone + projector (+ SimSiam's predictor). ``forward`` takes all views at once.
 
     Attributes:
         backbone: timm model with ``num_classes=0``: (N, 3, H, W) -> (N, F).
         projector: MLP (N, F) -> (N, D).
-        fp32_tail: under autocast, run the projector's last Linear and BatchNorm in float32, so
-            that z reaches the (float32) loss unrounded; the weights and their keys are unchanged.
+        predictor: MLP (N, D) -> (N, D), or None (every method but SimSiam).
+        fp32_tail: under autocast, run the projector's last Linear and BatchNorm (and the
+            predictor) in float32, so that z reaches the (float32) loss unrounded; the weights and
+            their keys are unchanged.
         num_features: F.  out_dim: D.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, fp32_tail: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, projector: nn.Module, fp32_tail: bool = True,
+                 predictor: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        self.predictor = predictor
         self.fp32_tail = fp32_tail  # the projector's last Linear + BatchNorm in float32 under autocast
         self.num_features: int = int(getattr(backbone, "num_features"))
         last = [m for m in projector.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d))][-1]
@@ -243,17 +271,33 @@ class SimMEREncoder(nn.Module):
         x, lead = self._flat(x)
         return self.backbone(x).reshape(*lead, -1)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def forward(self, x: torch.Tensor, return_features: bool = False, predict: bool = False):
         """Representations z: (K, B, 3, H, W) -> (K, B, D), or (N, 3, H, W) -> (N, D).
 
         The K·B views go through the backbone and projector as one (K·B, 3, H, W) batch
-        (view-major: ``z[k, b]`` is view k of image b, as the input). With ``return_features``,
-        returns ``(z, features)``, the pooled backbone features shaped like z: (K, B, F) or (N, F).
+        (view-major: ``z[k, b]`` is view k of image b, as the input). With ``predict`` (needs a
+        predictor), returns ``(z, predictions)``, the predictor's outputs shaped like z; with
+        ``return_features``, the pooled backbone features shaped like z ((K, B, F) or (N, F)) come
+        last: ``(z, features)`` or ``(z, predictions, features)``.
         """
+        if predict and self.predictor is None:
+            raise ValueError("predict=True needs an encoder built with a predictor (cfg.method=simsiam)")
         x, lead = self._flat(x)
         features = self.backbone(x)
-        z = self._project(features).reshape(*lead, -1)
-        return (z, features.reshape(*lead, -1)) if return_features else z
+        z = self._project(features)
+        outputs = [z.reshape(*lead, -1)]
+        if predict:
+            outputs.append(self._predict(z).reshape(*lead, -1))
+        if return_features:
+            outputs.append(features.reshape(*lead, -1))
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _predict(self, z: torch.Tensor) -> torch.Tensor:
+        device = z.device.type
+        if not (self.fp32_tail and torch.is_autocast_enabled(device)):
+            return self.predictor(z)
+        with torch.autocast(device, enabled=False):
+            return self.predictor(z.float())
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         device = features.device.type
@@ -279,6 +323,7 @@ def build_encoder(
     cifar_stem: bool | None = None,
     maxpool: bool | None = None,
     fp32_tail: bool = True,
+    predictor: bool = False,
 ) -> SimMEREncoder:
     """The SimMER encoder for ``arch`` on images of side ``image_size``, in channels-last.
 
@@ -292,6 +337,7 @@ def build_encoder(
         cifar_stem: force the stem choice; None -> :func:`use_cifar_stem`.
         maxpool: keep or remove the stem's max-pool; None -> as the stem decides.
         fp32_tail: the projector's last Linear + BatchNorm in float32 under autocast.
+        predictor: add SimSiam's predictor (:func:`build_predictor`) on the projector's output.
 
     Raises:
         ValueError: unknown ``arch``; bad projector sizes; forced CIFAR stem on a non-ResNet.
@@ -301,7 +347,8 @@ def build_encoder(
     layers = default_projector_layers(arch) if proj_layers is None else proj_layers
     backbone = build_backbone(arch, stem, maxpool)
     projector = build_projector(backbone.num_features, proj_hidden, proj_dim, layers)
-    return SimMEREncoder(backbone, projector, fp32_tail).to(memory_format=torch.channels_last)
+    head = build_predictor(proj_dim) if predictor else None
+    return SimMEREncoder(backbone, projector, fp32_tail, head).to(memory_format=torch.channels_last)
 
 
 def stem_from_cfg(cfg: dict, image_size: int) -> tuple[bool, bool | None]:
@@ -314,11 +361,12 @@ def stem_from_cfg(cfg: dict, image_size: int) -> tuple[bool, bool | None]:
 def build_encoder_from_cfg(cfg: dict, image_size: int) -> SimMEREncoder:
     """:func:`build_encoder` from a config's ``cfg`` section (keys ``arch``, ``proj_dim``,
     ``proj_layers`` and ``proj_hidden`` (0 = default), ``cifar_stem`` and ``maxpool``
-    (:func:`stem_from_cfg`), ``proj_fp32``)."""
+    (:func:`stem_from_cfg`), ``proj_fp32``, ``method`` (whether a predictor is needed: train.methods))."""
     cifar_stem, maxpool = stem_from_cfg(cfg, image_size)
+    predictor = get_method(cfg.get("method", ENCODER_DEFAULTS["method"])).predictor
     return build_encoder(cfg["arch"], image_size, proj_dim=cfg["proj_dim"], proj_layers=cfg["proj_layers"] or None,
                          proj_hidden=cfg["proj_hidden"] or None, cifar_stem=cifar_stem, maxpool=maxpool,
-                         fp32_tail=bool(cfg.get("proj_fp32", 1)))
+                         fp32_tail=bool(cfg.get("proj_fp32", 1)), predictor=predictor)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

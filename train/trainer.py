@@ -54,12 +54,15 @@ from measure.monitor import KnnMonitor
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.cluster import requeue, slurm_job_id
 from train.loss import simmer_loss
+from train.methods import get_method
 from train.model import build_encoder_from_cfg
 from train.probe import OnlineProbe
 from train.rundir import RunDir
 from train.tracking import Tracker, parse_loggers, views_grid
 
-PART_NAMES = ("loss", "tv", "entropy", "rank")
+PART_NAMES = get_method("simmer").log_names  # ("loss", "tv", "entropy", "rank"); other methods: TrainStep.part_names
+PART_FORMATS = {"entropy": ".3f", "rank": ".1f"}  # how the progress bar and the epoch line print a part (else .4f)
+PART_SHORT = {"entropy": "H", "rank": "R"}  # the progress bar's short names
 
 
 class TrainingDiverged(UserError):
@@ -167,37 +170,49 @@ def amp_settings(run: dict, device: torch.device) -> tuple[bool, torch.dtype | N
 
 
 class TrainStep:
-    """The SimMER optimisation step: ``step(images) -> (parts, zbar)``.
+    """The optimisation step of every method: ``step(images) -> (parts, zbar)``.
 
     ``images``: uint8 (B, 3, H, W) on the device. K views are made on the device (:meth:`views`),
     the model runs over all K·B views at once under autocast when ``amp_dtype`` is set
     (:meth:`forward`), the loss in float32 (:meth:`loss`), then backward (:meth:`backward`) and the
     optimiser step through ``scaler`` (:meth:`optimise`); the benchmarks time these stages one by
     one. With a ``probe`` and ``labels``, the online probe then trains on the first view's
-    detached backbone features. Returns ``parts``, the detached ``[loss, tv, entropy, rank]`` (4,)
-    on the device (no host sync), and ``zbar`` (B, D).
+    detached backbone features. Returns ``parts``, the detached figures named by ``part_names``
+    (the total, then the loss's parts: SimMER's ``[loss, tv, entropy, rank]``) on the device (no
+    host sync), and ``zbar`` (B, D). With ``predict`` (SimSiam) the model also returns the
+    predictor's outputs, which the loss takes after z.
     """
 
     def __init__(self, model: torch.nn.Module, augment: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss,
-                 probe: OnlineProbe | None = None, **loss_options):
+                 probe: OnlineProbe | None = None, part_names: tuple[str, ...] = PART_NAMES, predict: bool = False,
+                 **loss_options):
         self.model, self.augment, self.optimizer, self.scaler = model, augment, optimizer, scaler
         self.amp_dtype, self.loss_fn, self.loss_options, self.probe = amp_dtype, loss_fn, loss_options, probe
+        self.part_names, self.predict = tuple(part_names), predict
         self.features: torch.Tensor | None = None  # (B, F) of the first view, for the probe
+        self.predictions: torch.Tensor | None = None  # (K, B, D) of the predictor, for the loss
 
     def views(self, images: torch.Tensor) -> torch.Tensor:
         return self.augment(images)  # (K, B, 3, h, w), channels-last
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         with torch.autocast(views.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if self.probe is None:
+            if self.probe is None and not self.predict:
                 return self.model(views)  # (K, B, D)
-            z, features = self.model(views, return_features=True)
-        self.features = features[0]
-        return z
+            outputs = self.model(views, return_features=self.probe is not None,
+                                 **({"predict": True} if self.predict else {}))
+        if self.predict:
+            self.predictions = outputs[1]
+        if self.probe is not None:
+            self.features = outputs[-1][0]
+        return outputs[0]
 
     def loss(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss_fn(z, **self.loss_options)
+        if not self.predict:
+            return self.loss_fn(z, **self.loss_options)
+        predictions, self.predictions = self.predictions, None
+        return self.loss_fn(z, predictions, **self.loss_options)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -215,7 +230,7 @@ class TrainStep:
         if self.probe is not None and labels is not None:
             self.probe.update(self.features, labels)
         self.features = None
-        detached = torch.stack([loss.detach(), parts["tv"].detach(), parts["entropy"].detach(), parts["rank"].detach()])
+        detached = torch.stack([loss.detach(), *(parts[name].detach() for name in self.part_names[1:])])
         return detached, z.detach().float().mean(0)
 
 
@@ -235,6 +250,9 @@ class TrainingParts:
 def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, world: int = 1,
                    resume: dict | None = None, num_classes: int = 0) -> TrainingParts:
     """The encoder, augmentation, Adam, scaler and step of pretraining, as ``cfg`` and ``run`` say.
+
+    ``cfg['method']`` (train.methods) picks the loss, its options and whether the encoder has a
+    predictor; the rest is the same for every method.
 
     ``resume`` (a checkpoint) restores the weights, optimiser, scaler and probe before the model is
     wrapped for DDP (``world`` > 1) and compiled (``run.compile``, -1 = on for CUDA). The online
@@ -258,16 +276,16 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
     probe = OnlineProbe(encoder.num_features, num_classes, device=device) if run["probe"] and num_classes else None
     if probe is not None and resume is not None and resume.get("probe") is not None:
         probe.load(resume["probe"])
-    model, loss_fn = encoder, simmer_loss
+    method = get_method(cfg.get("method", "simmer"))
+    model, loss_fn = encoder, method.loss
     if world > 1:
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"]):
-        model, loss_fn = torch.compile(model), torch.compile(simmer_loss)
+        model, loss_fn = torch.compile(model), torch.compile(method.loss)
     step = TrainStep(model, augment, optimizer, scaler, amp_dtype if use_amp else None, loss_fn, probe,
-                     alpha_h=cfg["alpha_h"], alpha_r=cfg["alpha_r"], rank_variant=cfg["rank_variant"],
-                     rank_bias=bool(cfg["rank_bias"]), svd=cfg["svd"], tv_reduction=cfg["tv_reduction"])
+                     method.log_names, method.predictor, **method.options(cfg))
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, step)
 
 
@@ -346,7 +364,7 @@ class _Run:
 class _Epoch:
     """What one pass over the loader produced."""
 
-    sums: torch.Tensor  # (4,) summed [loss, tv, entropy, rank] of the epoch's steps, on the device
+    sums: torch.Tensor  # summed [loss, *parts] (TrainStep.part_names) of the epoch's steps, on the device
     done: int  # steps of this epoch done (including those before a resume)
     images: int = 0  # images trained on in this invocation (all processes)
     seconds: float = 0.0
@@ -418,7 +436,7 @@ def _run_epoch(state: _Run, epoch: int, stop: _StopFlag) -> _Epoch:
     """One pass over the loader (from ``state.skip_batches`` on): the steps, synced every ``run.log_every``."""
     state.loader.set_epoch(epoch)
     state.parts.encoder.train()
-    result = _Epoch(torch.zeros(len(PART_NAMES), device=state.device), done=state.skip_batches)
+    result = _Epoch(torch.zeros(len(state.parts.step.part_names), device=state.device), done=state.skip_batches)
     if state.skip_batches and state.carried_sums is not None:
         result.sums += state.carried_sums.to(state.device)
     total = state.steps_per_epoch
@@ -474,12 +492,12 @@ def _sync_point(state: _Run, epoch: int, parts: torch.Tensor, bar, rate: float) 
     """The one host sync of a window: the divergence check, the progress bar, the CPU time estimate."""
     values = parts.tolist()
     if not all(math.isfinite(v) for v in values):
-        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(PART_NAMES, values))))
-    bar.set_postfix(loss=f"{values[0]:.4f}", tv=f"{values[1]:.4f}", H=f"{values[2]:.3f}", R=f"{values[3]:.1f}",
+        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(state.parts.step.part_names, values))))
+    names = state.parts.step.part_names
+    bar.set_postfix(**{PART_SHORT.get(n, n): format(v, PART_FORMATS.get(n, ".4f")) for n, v in zip(names, values)},
                     lr=f"{state.parts.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
-    state.tracker.scalars({"train/loss": values[0], "train/tv": values[1], "train/entropy": values[2],
-                           "train/rank": values[3], "train/lr": state.parts.optimizer.param_groups[0]["lr"],
-                           "train/images_per_s": rate}, state.step)
+    state.tracker.scalars({**{f"train/{n}": v for n, v in zip(names, values)},
+                           "train/lr": state.parts.optimizer.param_groups[0]["lr"], "train/images_per_s": rate}, state.step)
     if state.cpu_estimate_due:
         state.cpu_estimate_due = False
         remaining = (state.total_steps - state.step) * state.cfg["batch_size"] / max(rate, 1e-9)
@@ -514,7 +532,7 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
     state.images_seen += result.images
     _average_over_ranks(state, result)
     means = (result.sums / max(1, result.done)).tolist()
-    line = {"epoch": epoch + 1, **dict(zip(PART_NAMES, means)), "lr": state.parts.optimizer.param_groups[0]["lr"],
+    line = {"epoch": epoch + 1, **dict(zip(state.parts.step.part_names, means)), "lr": state.parts.optimizer.param_groups[0]["lr"],
             "images_per_s": result.images / max(result.seconds, 1e-9), "epoch_seconds": result.seconds,
             "step": state.step}
     embeddings = _health_embeddings(state, result) if state.is_main else None
@@ -553,9 +571,9 @@ def _end_epoch(state: _Run, epoch: int, result: _Epoch) -> bool:
         if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
             state.writer.save(state.files.checkpoints / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
         knn_text = f", kNN top-1 {line['knn_top1']:.2%}" if "knn_top1" in line else ""
-        print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} (tv {line['tv']:.4f}, "
-              f"entropy {line['entropy']:.3f}, rank {line['rank']:.1f}), {line['images_per_s']:.0f} img/s{knn_text}",
-              flush=True)
+        parts_text = ", ".join(f"{n} {line[n]:{PART_FORMATS.get(n, '.4f')}}" for n in state.parts.step.part_names[1:])
+        print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {line['loss']:.4f} ({parts_text}), "
+              f"{line['images_per_s']:.0f} img/s{knn_text}", flush=True)
         if stop_here:
             print(f"stopping after {epochs_this_run} epoch(s) as run.stop_after_epochs asks; re-run to continue", flush=True)
     return stop_here
