@@ -177,7 +177,7 @@ def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path, clo
 
 def time_health(parts, images: torch.Tensor, clock: _Clock) -> float:
     """ms of one epoch's health figures: the held-out images embedded in eval mode, then the figures."""
-    amp = parts.step.amp_dtype is not None
+    amp = parts.train_step.amp_dtype is not None
     batch = feature_batch(images.device, images.shape[-1])
     health(embed_images(parts.encoder, images, parts.eval_transform, batch, amp=amp))
     clock.sync()
@@ -272,7 +272,7 @@ def run_check(options: dict) -> dict:
             config = parse_config([*flags, f"--run.compile={int(mode == 'compiled')}"], "", ("cfg", "run"))
             torch.manual_seed(0)
             parts = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
-            figures[mode] = time_step(parts.step, images, clock, options["steps"], options["warmup"])
+            figures[mode] = time_step(parts.train_step, images, clock, options["steps"], options["warmup"])
             if clock.cuda:
                 figures[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 torch.cuda.reset_peak_memory_stats(device)
@@ -280,12 +280,12 @@ def run_check(options: dict) -> dict:
         config = parse_config([*flags, "--run.compile=0", "--cfg.proj_fp32=0"], "", ("cfg", "run"))
         torch.manual_seed(0)
         rounded = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
-        figures["eager_proj_bf16"] = time_step(rounded.step, images, clock, options["steps"], options["warmup"])
+        figures["eager_proj_bf16"] = time_step(rounded.train_step, images, clock, options["steps"], options["warmup"])
         del rounded
-        figures["probe_ms"] = time_probe(parts.step, options["batch_size"], device, clock, options["steps"])
+        figures["probe_ms"] = time_probe(parts.train_step, options["batch_size"], device, clock, options["steps"])
         figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
-        figures["checkpoint"] = time_checkpoint(parts.step, parts.encoder, Path(folder), clock)
-        figures["log_sync_ms"] = time_log_sync(parts.step, images, clock, options["steps"], options["log_every"])
+        figures["checkpoint"] = time_checkpoint(parts.train_step, parts.encoder, Path(folder), clock)
+        figures["log_sync_ms"] = time_log_sync(parts.train_step, images, clock, options["steps"], options["log_every"])
         figures["loader_check"] = check_loader((beton, test_beton), device, options["image_size"],
                                                options["batch_size"], passes=3)
         monitor = KnnMonitor(beton, test_beton, device, options["image_size"], k=min(200, options["images"]))

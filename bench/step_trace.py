@@ -47,7 +47,7 @@ def trace_device_regions(arch: str = "resnet18", batch_size: int = 512, K: int =
             FakeTensorMode(allow_non_fake_inputs=True):
         parts = trainer.build_training(config["cfg"], config["run"], torch.device("cuda"), image_size, num_classes=10)
         images = torch.empty(batch_size, 3, image_size, image_size, dtype=torch.uint8, device="cuda")
-        step = parts.step
+        step = parts.train_step
         with mock.patch("torch.cuda.is_available", lambda: True):  # autocast checks it
             for parameter in parts.encoder.parameters():
                 parameter.grad = torch.zeros_like(parameter)
@@ -72,7 +72,7 @@ def trace_backward_regions(arch: str = "resnet18", batch_size: int = 16, K: int 
     parts = trainer.build_training(config["cfg"], config["run"], torch.device("cpu"), image_size, num_classes=10)
     images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch_size,))
-    step = parts.step
+    step = parts.train_step
     step(images, labels)  # optimiser and probe states exist
     loss, _ = step.loss(step.forward(step.views(images)))
     with CudaTrace(device_type="cpu") as trace:

@@ -401,7 +401,7 @@ def _device_batch_rate(s: Settings, source: ArraySource) -> tuple[float, float]:
     """
     config = _trainer_config(s)
     torch.manual_seed(0)
-    step = build_training(config["cfg"], config["run"], torch.device(s.device), IMAGE_SIZE).step
+    step = build_training(config["cfg"], config["run"], torch.device(s.device), IMAGE_SIZE).train_step
     images = _device_images(source, s.model_batch, s.device)
     compiled = s.device == "cuda" and s.compile_model
     cold, seconds = _median_seconds(lambda: step(images), s.iters, s.device, warmup=2 if compiled else 1)

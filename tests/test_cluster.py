@@ -107,13 +107,13 @@ def _single_process_epoch(betons: dict[str, Path], args: list[str], world: int) 
         for rank in range(world):
             torch.set_rng_state(streams[rank])
             batch = images[orders[rank][step * shard:(step + 1) * shard]]
-            z.append(parts.step.forward(parts.step.views(batch)))
+            z.append(parts.train_step.forward(parts.train_step.views(batch)))
             streams[rank] = torch.get_rng_state()
         for group in parts.optimizer.param_groups:
             group["lr"] = lr_at(step, steps * cfg["epochs"], peak)
-        loss, terms = parts.step.loss(torch.cat(z, dim=1))
-        parts.step.backward(loss)
-        parts.step.optimise()
+        loss, terms = parts.train_step.loss(torch.cat(z, dim=1))
+        parts.train_step.backward(loss)
+        parts.train_step.optimise()
         values.append([loss.item(), terms["tv"].item(), terms["entropy"].item(), terms["rank"].item()])
     return values, {name: weight.detach() for name, weight in parts.encoder.named_parameters()}
 
