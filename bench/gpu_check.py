@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 import torch  # noqa: E402
 
 from core.config import parse_config, run_cli  # noqa: E402
+from core.device import resolve_device  # noqa: E402
 from core.io import atomic_write  # noqa: E402
 from data_prep.loader import BetonLoader  # noqa: E402
 from data_prep.sources import load_synthetic  # noqa: E402
@@ -251,8 +252,7 @@ def project(figures: dict, options: dict) -> dict[str, float]:
 
 def run_check(options: dict) -> dict:
     """Every measurement of the check, as one dict (what :func:`main` writes as JSON)."""
-    choice = options["device"]
-    device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(options["device"], "gpu.device")
     clock = _Clock(device)
     flags = [f"--cfg.arch={options['arch']}", f"--cfg.batch_size={options['batch_size']}", f"--cfg.K={options['K']}",
              f"--cfg.proj_dim={options['proj_dim']}"]

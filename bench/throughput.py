@@ -52,6 +52,7 @@ from torchvision.transforms import ToTensor, v2  # noqa: E402
 
 from augment import CIFAR10_MEAN, CIFAR10_STD, build_augmentation  # noqa: E402
 from core.config import ConfigError, parse_config, run_cli  # noqa: E402
+from core.device import resolve_device  # noqa: E402
 from data_prep.loader import BetonLoader  # noqa: E402
 from data_prep.sources import ArraySource, load_synthetic  # noqa: E402
 from data_prep.writer import write_betons  # noqa: E402
@@ -110,8 +111,10 @@ def resolve(bench: dict, given: set[str] = frozenset()) -> Settings:
         raise ConfigError(f"--bench.stages: unknown stage(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
                           f"choose from {','.join(STAGES)}")
     problems = []
-    if bench["device"] == "cuda" and not torch.cuda.is_available():
-        problems.append("--bench.device=cuda but no CUDA device is available")
+    try:
+        resolve_device(bench["device"], "--bench.device")
+    except ConfigError as error:
+        problems.append(str(error))
     if not timm.is_model(bench["arch"]):
         problems.append(f"--bench.arch={bench['arch']!r} is not a timm model")
     if problems:
