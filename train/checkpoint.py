@@ -7,15 +7,23 @@ A checkpoint is a dict with ``model`` (the *uncompiled*, unwrapped encoder's sta
 ``config`` (the resolved config) and ``steps_per_epoch``. It is written to a temporary file in the same folder, then
 renamed: a crash at any moment leaves the previous checkpoint intact.
 
+Every file is read with ``torch.load(..., weights_only=True)`` (:func:`safe_load`): tensors, numbers,
+strings and containers only, so a checkpoint cannot run code when it is loaded. The states above
+are stored in that form (numpy's RNG state as a dict of plain values and a tensor); a file that
+needs more is refused with one line.
+
 ``backbone.pt`` (:func:`save_backbone`) is the backbone alone, in timm's keys, for other code.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +40,28 @@ class CheckpointError(UserError):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The python, numpy, torch (and CUDA) generators' states, in a form ``weights_only`` loading reads."""
+    legacy = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
+    numpy_state = {"bit_generator": legacy["bit_generator"], "pos": int(legacy["state"]["pos"]),
+                   "key": torch.from_numpy(legacy["state"]["key"].astype(np.int64)),
+                   "has_gauss": int(legacy["has_gauss"]), "gauss": float(legacy["gauss"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved):
+    """``np.random.set_state``'s argument from a saved state (:func:`rng_state`'s dict, or the legacy tuple)."""
+    if not isinstance(saved, dict):
+        return saved
+    return {"bit_generator": saved["bit_generator"], "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}}
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -119,15 +140,44 @@ def mismatch_summary(error: RuntimeError) -> str:
     return lines[1].strip() if len(lines) > 1 else lines[0]
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Reads a checkpoint written by :func:`save_checkpoint` (on CPU)."""
+# Checkpoints written before the RNG states were stored as plain values hold numpy's state as an
+# array; these three rebuild a numeric array and nothing else.
+_NUMPY_ARRAY_GLOBALS = (np.ndarray, np.dtype, np.dtype("uint32").__class__,
+                        getattr(np, "_core", np.core).multiarray._reconstruct)
+
+
+def safe_load(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on CPU; any failure is one :class:`CheckpointError` line.
+
+    A file holding anything but tensors, numbers, strings and containers (a pickled class or function,
+    which could run code when loaded) is refused, naming the first such object; it is never executed.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.__class__.__name__}: {error}") from None
+        with torch.serialization.safe_globals(list(_NUMPY_ARRAY_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, foreign objects, ...
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        unsafe = next((match.group(1) for line in lines if (match := re.search(r"GLOBAL ([\w.]+)", line))), None)
+        if unsafe is not None:
+            raise CheckpointError(f"refusing to load {what} {path}: it holds a reference to {unsafe}, which could "
+                                  "run code when loaded (only tensors and plain values are read); nothing of it "
+                                  "was executed") from None
+        if isinstance(error, pickle.UnpicklingError):
+            detail = next((line for line in reversed(lines) if not line.startswith("Check the documentation")), "")
+            raise CheckpointError(f"cannot read {what} {path}: not a PyTorch file of tensors and plain values "
+                                  f"({detail.rstrip('.')})") from None
+        detail = lines[0] if lines else "empty or truncated"
+        raise CheckpointError(f"cannot read {what} {path}: {error.__class__.__name__}: {detail}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Reads a checkpoint written by :func:`save_checkpoint` (on CPU, weights only: :func:`safe_load`)."""
+    path = Path(path)
+    state = safe_load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a SimMER pretraining checkpoint (no model/config inside)")
     return state
@@ -175,10 +225,11 @@ def load_backbone(arch: str, path: str | os.PathLike, image_size: int,
                   cifar_stem: bool | None = None, maxpool: bool | None = None) -> torch.nn.Module:
     """A fresh timm ``arch`` (stem as :func:`train.model.use_cifar_stem` decides) with the weights at ``path``.
 
-    Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F). Raises ``FileNotFoundError``
-    when there is no file, ``RuntimeError`` when the weights do not fit ``arch``.
+    Returns the backbone in train mode on CPU: (N, 3, H, W) -> (N, F). Raises
+    :class:`CheckpointError` when the file is missing, unreadable or holds more than weights
+    (:func:`safe_load`), ``RuntimeError`` when the weights do not fit ``arch``.
     """
     stem = use_cifar_stem(arch, image_size) if cifar_stem is None else cifar_stem
     backbone = build_backbone(arch, stem, maxpool)
-    backbone.load_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+    backbone.load_state_dict(safe_load(path, "backbone weights"))
     return backbone

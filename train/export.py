@@ -50,7 +50,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import safetensors.torch  # noqa: E402
 import timm  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -58,7 +57,7 @@ from augment import PRESETS, resolve_preset  # noqa: E402
 from core.config import UserError, run_cli  # noqa: E402
 from core.io import atomic_write  # noqa: E402
 from data_prep.loader import inspect_beton  # noqa: E402
-from train.checkpoint import load_checkpoint, mismatch_summary  # noqa: E402
+from train.checkpoint import load_checkpoint, mismatch_summary, safe_load  # noqa: E402
 from train.model import apply_cifar_stem, backbone_state, build_backbone, stem_from_cfg  # noqa: E402
 from train.rundir import RunDir  # noqa: E402
 
@@ -132,9 +131,12 @@ def read_run(run_dir: str | os.PathLike, image_size: int | None = None) -> Expor
             raise ExportError(f"{files.backbone} has no {files.config.name} beside it: the architecture is unknown")
         try:
             config = yaml.safe_load(files.config.read_text())
-            state = torch.load(files.backbone, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - a truncated or foreign file
-            raise ExportError(f"cannot read {files.path}: {error.__class__.__name__}: {error}") from None
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ExportError(f"cannot read {files.config}: {error.__class__.__name__}: {first}") from None
+        state = safe_load(files.backbone, "backbone weights")
+        if not isinstance(state, dict):
+            raise ExportError(f"{files.backbone} holds a {type(state).__name__}, not a backbone's weights")
         source, summary = files.backbone, _read_summary(files.summary)
         epoch, step = int(summary.get("epochs_done", 0)), summary.get("steps")
     else:
