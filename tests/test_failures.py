@@ -6,8 +6,10 @@ that suffices, in real subprocesses where processes, locks and signals are the p
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,8 +128,25 @@ def test_unwritable_run_dir_is_refused_before_any_work(betons, tmp_path, capsys,
     assert not (run_dir.is_dir() and (run_dir / "log.jsonl").exists())
 
 
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails as a full disk does (``OSError(ENOSPC)``)."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.handle.write(data)
+
+
+@pytest.mark.parametrize("how", ["oserror", "torch_unexpected_pos"])
 def test_full_disk_during_a_checkpoint_names_the_problem_and_keeps_the_last_one(betons, tmp_path, capsys,
-                                                                                monkeypatch):
+                                                                                monkeypatch, how):
     run_dir = tmp_path / "run"
     pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
@@ -135,18 +154,47 @@ def test_full_disk_during_a_checkpoint_names_the_problem_and_keeps_the_last_one(
 
     def full_disk(obj, handle, *args, **kwargs):
         if isinstance(obj, dict) and "optimizer" in obj:  # a checkpoint (not the backbone)
-            handle.write(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if how == "oserror":
+                handle.write(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, _FullDisk(handle, 4096), *args, **kwargs)  # torch: "unexpected pos"
         return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
+    if how == "torch_unexpected_pos":  # no free space left, as on the real full disk
+        monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
     capsys.readouterr()
     assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0")) == 2
     err = capsys.readouterr().err
     assert f"cannot write checkpoint {run_dir / 'checkpoints' / 'last.pt'} (No space left on device;" in err
-    assert "MiB free" in err and "Traceback" not in err
+    assert "MiB free" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_a_real_full_disk_during_a_checkpoint_is_one_line_exit_2(betons, tmp_path):
+    """On a real, small file system (a tmpfs; needs the right to mount one, else skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run_dir = disk / "run"
+        pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1", "--run.probe=0"))
+        before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 256 * 1024))  # room for the log lines, not a checkpoint
+        result = subprocess.run([sys.executable, "train/pretrain.py",
+                                 *tiny_args(betons, run_dir, "--run.knn_every=0", "--run.probe=0")],
+                                cwd=REPO, env=SCRIPT_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot write checkpoint {run_dir / 'checkpoints'}")
+        assert "No space left on device" in lines[0] and "previous checkpoint is kept" in lines[0], lines
+        assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _sigterm_once(index: int, betons: dict[str, Path], folder: Path) -> tuple[int, str]:

@@ -67,23 +67,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically (temporary file + rename).
+# What torch raises when the file under its zip writer fails (a full disk, an I/O error): the
+# Python error is swallowed and only the writer's position check reports it.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "unexpected pos")
 
-    A failed write (a full disk, an I/O error) leaves the previous file and raises
-    :class:`CheckpointError` saying what happened and how much space is left.
-    """
+
+def _write_torch_file(path: str | Path, state, what: str, advice: str) -> None:
+    """``torch.save(state)`` to ``path`` atomically; a failed write is one :class:`CheckpointError` line."""
     try:
         atomic_write(path, lambda handle: torch.save(state, handle))
     except (OSError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "PytorchStreamWriter" not in str(error):
+        if isinstance(error, RuntimeError) and not any(mark in str(error) for mark in _TORCH_WRITE_FAILURES):
             raise
-        reason = getattr(error, "strerror", None) or "the write failed"
+        free = None
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(Path(path).parent).free
+        if isinstance(error, OSError):
+            reason = error.strerror or error.__class__.__name__
+        elif free is not None and free < 2**20:
+            reason = "No space left on device"
+        else:
+            reason = "the write stopped short (an I/O error?)"
+        if free is not None:
             reason += f"; {free / 2**20:.0f} MiB free on that disk"
-        raise CheckpointError(f"cannot write checkpoint {path} ({reason}). The previous checkpoint is kept; "
-                              "free some space (or fix the disk) and re-run the same command to resume") from None
+        raise CheckpointError(f"cannot write {what} {path} ({reason}). {advice}") from None
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Writes ``state`` to ``path`` atomically (temporary file + rename).
+
+    A failed write (a full disk, an I/O error; torch reports the first as ``OSError`` or as its
+    writer's ``unexpected pos``) leaves the previous file and raises :class:`CheckpointError`
+    saying what happened and how much space is left.
+    """
+    _write_torch_file(path, state, "checkpoint", "The previous checkpoint is kept; free some space (or fix the "
+                      "disk) and re-run the same command to resume")
 
 
 def _to_cpu(value):
@@ -218,7 +236,8 @@ def save_backbone(encoder: torch.nn.Module, path: str | os.PathLike) -> None:
     Readable with ``torch.load(path, weights_only=True)`` into a plain timm model (README).
     """
     state = backbone_state(encoder)
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    _write_torch_file(path, state, "the backbone's weights", "The checkpoint holds them too; free some space "
+                      "(or fix the disk) and re-run the same command to write them")
 
 
 def load_backbone(arch: str, path: str | os.PathLike, image_size: int,
