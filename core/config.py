@@ -18,6 +18,7 @@ Library code never reads this module's config: entry points pass explicit argume
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -360,8 +361,18 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
     return resolved
 
 
+# OSErrors that say something about the machine or the paths given, which run_cli reports as one line.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS,
+                       errno.EIO}
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Runs an entry point: a :class:`UserError` becomes one line on stderr and exit status 2."""
+    """Runs an entry point: a :class:`UserError` becomes one line on stderr and exit status 2.
+
+    So does an ``OSError`` that the machine or a path causes (no space, no permission, a read-only
+    file system, a name too long, an I/O error): one line naming the file. Other exceptions are bugs
+    and keep their traceback (exit 1).
+    """
     try:
         main(argv)
     except UserError as error:
@@ -370,6 +381,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine's doing (a full disk, permissions, a name too long), not a bug
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            traceback.print_exc()
+            return 1
+        where = f" {os.fsdecode(error.filename)}" if error.filename else ""
+        print(f"error: cannot write or read{where}: {error.strerror}", file=sys.stderr)
+        return 2
     except Exception:  # a bug, not a user error: keep the traceback
         traceback.print_exc()
         return 1

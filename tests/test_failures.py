@@ -101,6 +101,45 @@ def test_torn_last_log_line_is_dropped_with_a_warning(betons, tmp_path):
     assert [line["epoch"] for line in _log(run_dir)] == [1, 2]
 
 
+def test_a_log_line_that_is_not_a_record_stops_the_resume_with_one_line(betons, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
+    (run_dir / "log.jsonl").write_text("42\n" + (run_dir / "log.jsonl").read_text())
+    capsys.readouterr()
+    assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {run_dir / 'log.jsonl'}:1: a JSON int, not a record ({{...}}): '42'\n"
+
+
+def test_an_unwritable_tensorboard_folder_is_refused_with_one_line(betons, tmp_path):
+    import tempfile
+
+    prefix = []
+    if os.geteuid() == 0:  # root writes through any permission bits: run as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop it")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    shared = Path(tempfile.mkdtemp(prefix="simmer-tb-"))  # reachable by the unprivileged user as well
+    try:
+        os.chmod(shared, 0o777)
+        for split in ("train", "test"):
+            shutil.copy(betons[split], shared / f"{split}.beton")
+            os.chmod(shared / f"{split}.beton", 0o644)
+        run_dir = shared / "run"
+        (run_dir / "tensorboard").mkdir(parents=True)
+        os.chmod(run_dir, 0o777)
+        os.chmod(run_dir / "tensorboard", 0o555)
+        copies = {split: shared / f"{split}.beton" for split in ("train", "test")}
+        result = subprocess.run([*prefix, sys.executable, "train/pretrain.py",
+                                 *tiny_args(copies, run_dir, "--run.knn_every=0")],
+                                cwd=REPO, env=SCRIPT_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr == (f"error: cannot write TensorBoard's files to {run_dir / 'tensorboard'} "
+                                 "(Permission denied); fix it, or pass --run.logger=none\n")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_stale_checkpoint_temporaries_are_removed_at_start(betons, tmp_path, capsys):
     run_dir = tmp_path / "run"
     pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))

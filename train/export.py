@@ -55,7 +55,7 @@ from torch import nn  # noqa: E402
 
 from augment import PRESETS, resolve_preset  # noqa: E402
 from core.config import UserError, run_cli  # noqa: E402
-from core.io import atomic_write  # noqa: E402
+from core.io import atomic_write, check_names  # noqa: E402
 from data_prep.loader import inspect_beton  # noqa: E402
 from train.checkpoint import load_checkpoint, mismatch_summary, safe_load  # noqa: E402
 from train.model import apply_cifar_stem, backbone_state, build_backbone, stem_from_cfg  # noqa: E402
@@ -263,7 +263,9 @@ def export_backbone(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
     Raises:
         ExportError: see :func:`read_run`; ``out`` is a file or cannot be written.
     """
+    check_names(run_dir, "RUN_DIR")
     out = Path(out) if out is not None else Path(run_dir) / "export"
+    check_names(out, "--out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file: name a folder")
     exported = read_run(run_dir, image_size)
