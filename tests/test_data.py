@@ -760,3 +760,11 @@ def test_betons_get_the_mode_a_plain_open_gives(tmp_path):
         os.umask(previous)
     assert (tmp_path / "new.beton").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "old.beton").stat().st_mode & 0o777 == 0o604  # a replaced file keeps its mode
+
+
+def test_a_shots_file_entry_that_is_a_digit_but_not_a_number_names_its_line(tmp_path):
+    arrays = ArraySource(np.zeros((3, 4, 4, 3), np.uint8), np.arange(3), ("a", "b", "c"))
+    split = tmp_path / "split.txt"
+    split.write_text("0\n\u00b2\n")  # "²".isdigit() is True, but int("²") fails
+    with pytest.raises(DataError, match=rf"^{split}:2: '\u00b2' is a file name"):
+        shots_file_indices(arrays, split)
