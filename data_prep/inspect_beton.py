@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from core.config import UserError, run_cli  # noqa: E402
+from core.config import UserError, argument_parser, run_cli  # noqa: E402
 from data_prep.loader import BetonLoader, inspect_beton  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def summarise(path: str, batch_size: int = 256) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("betons", nargs="+", help="beton files")
     args = parser.parse_args(argv)
     rows = [summarise(path) for path in args.betons]

@@ -279,3 +279,17 @@ def test_export_without_the_stem_maxpool_removes_it_after_pretrained_true(no_max
         torch.testing.assert_close(load_exported(out)(images), expected)
         kept = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(images)  # the max-pool left in
     assert not torch.allclose(kept, expected, atol=1e-3)
+
+
+def test_argument_mistakes_of_the_positional_tools_are_one_line(tmp_path, capsys):
+    from data_prep.inspect_beton import main as inspect_main
+    from eval.report import main as report_main
+
+    for main, argv, message in ((export_main, [], "the following arguments are required: run_dir"),
+                                (export_main, [str(tmp_path), "--image_size=abc"], "invalid int value: 'abc'"),
+                                (export_main, [str(tmp_path), "--ou", "x"], "unrecognized arguments: --ou x"),
+                                (inspect_main, [], "the following arguments are required: betons"),
+                                (report_main, [str(tmp_path), "--bogus"], "unrecognized arguments: --bogus")):
+        assert run_cli(main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err

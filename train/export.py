@@ -54,7 +54,7 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import PRESETS, resolve_preset  # noqa: E402
-from core.config import UserError, run_cli  # noqa: E402
+from core.config import UserError, argument_parser, run_cli  # noqa: E402
 from core.io import atomic_write, check_names  # noqa: E402
 from data_prep.loader import inspect_beton  # noqa: E402
 from train.checkpoint import load_checkpoint, mismatch_summary, safe_load  # noqa: E402
@@ -348,7 +348,7 @@ def push_folder(folder: str | os.PathLike, repo: str, token: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a pretraining run directory (checkpoints/last.pt, or backbone.pt + config.yaml)")
     parser.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/export)")
     parser.add_argument("--image_size", type=int, default=None,
