@@ -293,3 +293,22 @@ def test_argument_mistakes_of_the_positional_tools_are_one_line(tmp_path, capsys
         assert run_cli(main, argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("recorded", ["stored_size", "cfg_image_size"])
+def test_an_image_size_that_contradicts_the_runs_is_refused(finished, tmp_path, capsys, recorded):
+    run_dir = finished
+    if recorded == "cfg_image_size":  # the same weights, trained at an explicit cfg.image_size of 16
+        run_dir = tmp_path / "explicit"
+        run_dir.mkdir()
+        (run_dir / "backbone.pt").write_bytes((finished / "backbone.pt").read_bytes())
+        config = yaml.safe_load((finished / "config.yaml").read_text())
+        config["cfg"]["image_size"] = 16
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "export"
+    assert export(run_dir, out, "--image_size=32") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --image_size=32 but the run was trained at ") and "16" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert export(run_dir, out, "--image_size=16") == 0  # agreeing with the run is fine
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 16, 16]

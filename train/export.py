@@ -175,24 +175,36 @@ def _read_summary(path: Path) -> dict:
 
 
 def _image_size(cfg: dict, data: dict, requested: int | None) -> int:
-    """The side of the training images: ``cfg.image_size``, else ``requested``, else the beton's stored size."""
+    """The side of the training images: ``cfg.image_size``, else the training beton's stored size.
+
+    ``requested`` (``--image_size``) must agree with whichever of these the run recorded: a
+    contradiction is refused (a backbone exported at another size would carry the wrong
+    ``input_size``). Only when the run used the stored size and its beton can no longer be read
+    does ``requested`` supply the size.
+    """
+    if requested is not None and requested < 1:
+        raise ExportError(f"--image_size must be positive, got {requested}")
     configured = int(cfg.get("image_size") or 0)
     if configured:
         if requested not in (None, configured):
-            raise ExportError(f"--image_size={requested} but the run was trained at cfg.image_size={configured}")
+            raise ExportError(f"--image_size={requested} but the run was trained at cfg.image_size={configured}; "
+                              "drop --image_size")
         return configured
-    if requested is not None:
-        if requested < 1:
-            raise ExportError(f"--image_size must be positive, got {requested}")
-        return requested
     beton = data.get("train_beton", "")
     try:
         fixed = inspect_beton(beton).fixed_size
     except Exception:  # noqa: BLE001 - moved, deleted or unreadable: the user names the size
+        if requested is not None:
+            return requested
         raise ExportError(f"the run used the stored image size (cfg.image_size=0) of {beton or 'its beton'}, "
                           "which cannot be read here: pass --image_size") from None
     if fixed is None:
+        if requested is not None:
+            return requested
         raise ExportError(f"{beton} holds images of several sizes: pass --image_size")
+    if requested not in (None, int(fixed[0])):
+        raise ExportError(f"--image_size={requested} but the run was trained at the {fixed[0]} px stored in its "
+                          f"training beton {beton}; drop --image_size")
     return int(fixed[0])
 
 
@@ -352,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run_dir", help="a pretraining run directory (checkpoints/last.pt, or backbone.pt + config.yaml)")
     parser.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/export)")
     parser.add_argument("--image_size", type=int, default=None,
-                        help="training image side; only when the run used cfg.image_size=0 and its beton is gone")
+                        help="training image side; only when the run used cfg.image_size=0 and its beton is gone "
+                             "(a size that contradicts the run's is refused)")
     parser.add_argument("--push_to_hub", metavar="REPO", default=None,
                         help="also upload the folder to this Hugging Face Hub model repo (needs the network and a "
                              "token, HF_TOKEN or `hf auth login`; not covered by the offline tests)")
