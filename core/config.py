@@ -18,6 +18,7 @@ Library code never reads this module's config: entry points pass explicit argume
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -107,13 +108,20 @@ class Choice(Checker):
 
 
 class Text(Checker):
+    """A string; with ``empty=False`` a blank one is refused (for names and paths where '' means nothing)."""
+
+    def __init__(self, empty: bool = True) -> None:
+        self.empty = empty
+
     def check(self, value):
         if not isinstance(value, str):
             raise TypeError(value)
+        if not self.empty and not value.strip():
+            raise ValueError(value)
         return value
 
     def help(self) -> str:
-        return "a string"
+        return "a string" if self.empty else "a non-empty string"
 
 
 class UserError(ValueError):
@@ -129,7 +137,7 @@ def _declare(config: Config) -> None:
     Section("data", "Datasets: writing betons and reading them", config_descriptor=config).params(
         dataset=Param(Choice(DATASETS), "source to convert (write_beton.py)", default="cifar10"),
         root=Param(Text(), "raw data location: a folder or an archive; '' = data/raw/<dataset>", default=""),
-        out_dir=Param(Text(), "where write_beton.py puts <dataset>_{train,test}.beton", default="data"),
+        out_dir=Param(Text(empty=False), "where write_beton.py puts <dataset>_{train,test}.beton", default="data"),
         download=Param(Flag(), "cifar10/100: download when missing and online (0/1)", default=1),
         shots=Param(Int(0), "also write <dataset>_train_<N>shot.beton with N labelled images per class (0 = no)", default=0),
         shots_file=Param(Text(), "also write <dataset>_train_<file stem>.beton with the training images this file names "
@@ -147,8 +155,8 @@ def _declare(config: Config) -> None:
         synthetic_test=Param(Int(1), "synthetic: test images", default=1000),
         synthetic_size=Param(Int(8), "synthetic: image side in pixels", default=32),
         num_workers=Param(Int(0), "worker processes for writing and threads for loading (0 = all cores)", default=0),
-        train_beton=Param(Text(), "training beton read by pretraining and evaluation", default="data/cifar10_train.beton"),
-        test_beton=Param(Text(), "test beton read by kNN monitoring and evaluation", default="data/cifar10_test.beton"),
+        train_beton=Param(Text(empty=False), "training beton read by pretraining and evaluation", default="data/cifar10_train.beton"),
+        test_beton=Param(Text(empty=False), "test beton read by kNN monitoring and evaluation", default="data/cifar10_test.beton"),
     )
     Section("cfg", "SimMER pretraining (defaults: the paper's CIFAR-10 run)", config_descriptor=config).params(
         K=Param(Int(2), "augmented views per image", default=4),
@@ -175,7 +183,7 @@ def _declare(config: Config) -> None:
         maxpool=Param(Int(-1, 1), "the ResNet stem's max-pool: 1 keep, 0 remove (the paper's Mini-ImageNet ResNet-18), "
                       "-1 = removed with the CIFAR stem, kept otherwise", default=-1),
         rank_bias=Param(Flag(), "append a column of ones to zbar in the rank term (0/1)", default=0),
-        arch=Param(Text(), "any timm model name (ResNets get the CIFAR stem on images <= 64 px)", default="resnet18"),
+        arch=Param(Text(empty=False), "any timm model name (ResNets get the CIFAR stem on images <= 64 px)", default="resnet18"),
         cifar_stem=Param(Int(-1, 1), "3x3 stride-1 stem, no max-pool (1/0; -1 = for ResNets on images <= 64 px)", default=-1),
         proj_dim=Param(Int(1), "projector output width D", default=2048),
         proj_layers=Param(Int(0), "projector layers (0 = 2 for ResNet-18/34, 3 otherwise)", default=0),
@@ -187,7 +195,7 @@ def _declare(config: Config) -> None:
         seed=Param(Int(0), "seed of the weights, the data order and the augmentations", default=0),
     )
     Section("run", "Where and how a run executes", config_descriptor=config).params(
-        dir=Param(Text(), "run directory (checkpoints, log.jsonl, config); re-running resumes it", default="runs/cifar10_simmer"),
+        dir=Param(Text(empty=False), "run directory (checkpoints, log.jsonl, config); re-running resumes it", default="runs/cifar10_simmer"),
         device=Param(Choice(DEVICES), "auto (cuda when available), cpu or cuda", default="auto"),
         compile=Param(Int(-1, 1), "torch.compile the model and the loss (0/1; -1 = on for CUDA)", default=-1),
         amp=Param(Int(-1, 1), "mixed precision for the encoder (0/1; -1 = on for CUDA): bf16, else fp16 + GradScaler", default=-1),
@@ -206,13 +214,13 @@ def _declare(config: Config) -> None:
         health_images=Param(Int(0), "held-out images whose embeddings (eval mode) give the health figures every epoch: "
                             "evenly spaced over the test beton (else the training beton); 0 = the last training "
                             "batch's zbar", default=2048),
-        logger=Param(Text(), "live tracking: tensorboard, wandb, both (tensorboard,wandb) or none", default="tensorboard"),
-        wandb_project=Param(Text(), "W&B project (with run.logger=wandb)", default="simmer"),
+        logger=Param(Text(empty=False), "live tracking: tensorboard, wandb, both (tensorboard,wandb) or none", default="tensorboard"),
+        wandb_project=Param(Text(empty=False), "W&B project (with run.logger=wandb)", default="simmer"),
         wandb_mode=Param(Choice(("online", "offline")), "W&B mode; offline needs no network (wandb sync uploads later)",
                          default="online"),
     )
     Section("eval", "Evaluation (eval/knn.py, eval/linear.py, eval/finetune.py)", config_descriptor=config).params(
-        checkpoint=Param(Text(), "a pretraining checkpoint (run_dir/checkpoints/last.pt), or 'random' for a "
+        checkpoint=Param(Text(empty=False), "a pretraining checkpoint (run_dir/checkpoints/last.pt), or 'random' for a "
                          "randomly initialised encoder of cfg.arch", default="runs/cifar10_simmer/checkpoints/last.pt"),
         out=Param(Text(), "results JSON ('' = <run dir>/eval_<protocol>.json, runs/random_<arch>/... for random)", default=""),
         device=Param(Choice(DEVICES), "auto (cuda when available), cpu or cuda", default="auto"),
@@ -222,10 +230,10 @@ def _declare(config: Config) -> None:
     Section("bench", "bench/throughput.py: stage-by-stage speed against common baselines", config_descriptor=config).params(
         device=Param(Choice(("cpu", "cuda")), "where to measure", default="cpu"),
         out=Param(Text(), "JSON file with every figure ('' = runs/bench/throughput_<device>.json)", default=""),
-        stages=Param(Text(), "comma-separated: loader,augment,loss,model,end_to_end", default="loader,augment,loss,model,end_to_end"),
+        stages=Param(Text(empty=False), "comma-separated: loader,augment,loss,model,end_to_end", default="loader,augment,loss,model,end_to_end"),
         batch_size=Param(Int(2), "images per batch", default=512),
         K=Param(Int(2), "views per image (the loss is also timed at K=10)", default=4),
-        arch=Param(Text(), "timm model for the model and end-to-end stages", default="resnet18"),
+        arch=Param(Text(empty=False), "timm model for the model and end-to-end stages", default="resnet18"),
         model_batch=Param(Int(0), "images per step in the model and end-to-end stages (0 = batch_size on cuda, 32 on cpu)", default=0),
         images=Param(Int(1), "synthetic images in the benchmark's beton", default=10000),
         iters=Param(Int(1), "timed iterations per measurement (after warm-up)", default=5),
@@ -237,7 +245,7 @@ def _declare(config: Config) -> None:
             config_descriptor=config).params(
         device=Param(Choice(DEVICES), "auto (cuda when available), cpu or cuda", default="auto"),
         out=Param(Text(), "JSON file with every figure ('' = runs/bench/gpu_check_<device>.json)", default=""),
-        arch=Param(Text(), "timm model", default="resnet18"),
+        arch=Param(Text(empty=False), "timm model", default="resnet18"),
         batch_size=Param(Int(2), "images per step", default=512),
         K=Param(Int(2), "views per image", default=4),
         proj_dim=Param(Int(1), "projector output width D", default=2048),
@@ -254,10 +262,10 @@ def _declare(config: Config) -> None:
         log_every=Param(Int(1), "steps between the log's host syncs, timed against none", default=20),
     )
     Section("tables", "bench/paper_tables.py: run the paper's tables and compare", config_descriptor=config).params(
-        table=Param(Text(), "1, 2, 3, 4, 5 or all", default="all"),
+        table=Param(Text(empty=False), "1, 2, 3, 4, 5 or all", default="all"),
         dry_run=Param(Flag(), "list the rows and their commands, run nothing (0/1)", default=0),
         nproc=Param(Int(1), "GPUs per row: >1 runs each pretraining under torchrun", default=1),
-        out=Param(Text(), "markdown table of measured against paper numbers", default="runs/tables/results.md"),
+        out=Param(Text(empty=False), "markdown table of measured against paper numbers", default="runs/tables/results.md"),
         paper_top1=Param(Float(0), "the paper's top-1 (%) of the row a config reproduces: set in that YAML, "
                          "not as a flag (0 = none)", default=0.0),
     )
@@ -302,23 +310,67 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: ``line L, column C: problem (context)``."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split()) + (f" ({context})" if context else "")
+
+
 def _load_yaml(path: str, known: set[str]) -> dict[str, object]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             content = yaml.safe_load(handle) or {}
     except UnicodeDecodeError as error:
         raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(content, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
-    flat = _flatten(content)
+    sections = {key.split(".", 1)[0] for key in known}
+    flat = {key: value for key, value in _flatten(content).items()
+            if not (key in sections and value is None)}  # a section whose keys are all commented out
     unknown = sorted(set(flat) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)} (see --help for the valid ones)")
+    empty = sorted(key for key, value in flat.items() if value is None)
+    if empty:
+        raise ConfigError(f"{path}: {', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no value (an empty "
+                          "value or ~ would not mean the default): give a value or delete the line")
     return flat
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one :class:`ConfigError` line (argparse prints a usage line and exits)."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def argument_parser(description: str | None = None, **options) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` for the tools with positional arguments: a mistake is one
+    :class:`ConfigError` line (exit 2 under :func:`run_cli`), abbreviated flags are refused."""
+    return _ArgumentParser(description=description, allow_abbrev=False, **options)
+
+
+def _unknown_flags(extra: list[str], names: Iterable[str]) -> str:
+    """The message for flags no parameter declares, with the nearest declared name for each."""
+    import difflib
+
+    names = [f"--{name}" for name in names]
+    parts = []
+    for flag in extra:
+        name = flag.split("=", 1)[0]
+        close = [n for n in names if n.startswith(name)] if name.startswith("--") else []
+        close = close or (difflib.get_close_matches(name, names, n=1) if name.startswith("--") else [])
+        hint = (f" (did you mean {close[0]}?)" if len(close) == 1 else
+                " (a config file goes after -C)" if name.endswith((".yaml", ".yml")) else "")
+        parts.append(flag + hint)
+    return f"unknown argument(s): {', '.join(parts)}; see --help for the valid ones"
 
 
 def parse_config(argv: Sequence[str] | None, description: str, sections: Iterable[str],
@@ -334,14 +386,16 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
     config = new_config()
     entries = {".".join(path): param for path, param in config.entries.items() if path[0] in sections}
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argument_parser(description, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("-C", "--config-file", action="append", default=[], help="a YAML config file (repeatable)")
     lines = []
     for name, param in entries.items():
         parser.add_argument(f"--{name}", dest=name, default=None, help=argparse.SUPPRESS)
         lines.append(f"  --{name:<28} {param.desc} [default: {param.default!r}]")
     parser.epilog = "parameters:\n" + "\n".join(lines)
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if extra:
+        raise ConfigError(_unknown_flags(extra, entries))
 
     given: dict[str, object] = {}
     every_key = {".".join(path) for path in config.entries}
@@ -372,8 +426,18 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
     return resolved
 
 
+# OSErrors that say something about the machine or the paths given, which run_cli reports as one line.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS,
+                       errno.EIO}
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Runs an entry point: a :class:`UserError` becomes one line on stderr and exit status 2."""
+    """Runs an entry point: a :class:`UserError` becomes one line on stderr and exit status 2.
+
+    So does an ``OSError`` that the machine or a path causes (no space, no permission, a read-only
+    file system, a name too long, an I/O error): one line naming the file. Other exceptions are bugs
+    and keep their traceback (exit 1).
+    """
     try:
         main(argv)
     except UserError as error:
@@ -382,6 +446,13 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine's doing (a full disk, permissions, a name too long), not a bug
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            traceback.print_exc()
+            return 1
+        where = f" {os.fsdecode(error.filename)}" if error.filename else ""
+        print(f"error: cannot write or read{where}: {error.strerror}", file=sys.stderr)
+        return 2
     except Exception:  # a bug, not a user error: keep the traceback
         traceback.print_exc()
         return 1

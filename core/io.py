@@ -12,6 +12,36 @@ from typing import IO, Callable
 from core.config import UserError
 
 
+NAME_MAX = 255  # bytes in one file or folder name on Linux's file systems (ext4, xfs, btrfs, tmpfs, NFS)
+
+
+def check_names(path: str | Path, what: str) -> None:
+    """Refuses, as one :class:`core.config.UserError` line, a path with a name the file system cannot hold.
+
+    ``what`` says where the path came from (``--eval.out``). Without this, the first file written
+    there fails with ``OSError: [Errno 36] File name too long``, possibly after long work.
+    """
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            raise UserError(f"{what}: the name {shown!r} is {size} bytes long; file systems allow "
+                            f"{NAME_MAX} bytes per file or folder name")
+
+
+def folder_problem(folder: str | Path) -> str | None:
+    """Why files cannot be created in ``folder`` (made if missing), e.g. ``"Permission denied"``; None if they can."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        return "it exists and is not a folder"
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
 def open_mode(path: str | Path) -> int:
     """The permission bits a plain ``open(path, "w")`` would give a new file: 0o666 less the umask
     (``tempfile.mkstemp`` makes 0o600 files whatever the umask); an existing file keeps its own."""
@@ -64,7 +94,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file; ``[]`` when it does not exist.
 
     A torn last line (a crash or a full disk during an append) is read as absent, with a warning;
-    a broken line anywhere else is an error (:class:`core.config.UserError`) naming the line.
+    a broken line anywhere else, or a line that is valid JSON but not an object (``42``), is an
+    error (:class:`core.config.UserError`) naming ``FILE:LINE``.
     """
     path = Path(path)
     if not path.exists():
@@ -75,10 +106,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 warnings.warn(f"{path}: the last line is incomplete (an interrupted write); it is ignored", stacklevel=2)
                 continue
-            raise UserError(f"{path} line {number} is not valid JSON: {line[:80]!r}") from None
+            raise UserError(f"{path}:{number}: not valid JSON: {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: a JSON {type(record).__name__}, not a record ({{...}}): {line[:80]!r}")
+        records.append(record)
     return records

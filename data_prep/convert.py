@@ -6,6 +6,7 @@ from pathlib import Path
 
 from data_prep.sources import (DataError, load_cifar, load_file_list, load_folder, load_miniimagenet,
                                load_synthetic, n_shot_indices, shots_file_indices)
+from core.io import check_names
 from data_prep.writer import WriteResult, check_out_dir, describe, write_betons
 
 DEFAULT_RAW_ROOT = Path("data") / "raw"
@@ -57,6 +58,9 @@ def convert(dataset: str, root: str | Path = "", out_dir: str | Path = "data", *
     if str(shots_file) and not Path(shots_file).is_file():
         raise DataError(f"--data.shots_file {shots_file} does not exist")
     check_out_dir(out_dir)  # before any loading, which can take long
+    if str(shots_file):
+        check_names(beton_paths(out_dir, dataset, shots, shots_file)["shots"].name,
+                    "--data.shots_file (its stem names the beton)")
     train, test = load_dataset(dataset, root, seed=seed, **source_options)
     paths = beton_paths(out_dir, dataset, shots, shots_file)
     splits = {paths["train"]: train} if test is None else {paths["train"]: train, paths["test"]: test}

@@ -124,9 +124,7 @@ def inspect_beton(path: str | Path) -> BetonInfo:
         raise BetonError(f"{path}: 'image' must be an RGB image field and 'label' an int field")
     if len(reader.metadata) != reader.num_samples:
         raise BetonError(f"{path} is truncated: {len(reader.metadata)} of {reader.num_samples} samples described")
-    table = reader.alloc_table
-    if len(table) and int((table["ptr"] + table["size"]).max()) > int(header["alloc_table_ptr"]):
-        raise BetonError(f"{path} is truncated or corrupt: sample data points past the end of the data region")
+    _check_extents(path, reader, int(header["alloc_table_ptr"]))
     columns = {name: reader.metadata[f"f{index}"] for index, name in enumerate(reader.field_names)}
     image_meta = columns["image"]
     sizes = sorted(set(zip(image_meta["height"].tolist(), image_meta["width"].tolist())))
@@ -162,6 +160,28 @@ def check_batch_labels(labels: torch.Tensor, info: BetonInfo, batch_size: int) -
         f"batch {batch} (images {batch * batch_size}-{min(len(labels), (batch + 1) * batch_size) - 1}) of {info.path} "
         f"arrived with label {int(labels[first])} at image {first}, outside {expected}: the data was corrupted "
         f"between the beton and {labels.device} ({int(bad.sum())} bad label(s) in this pass)")
+
+
+def _check_extents(path: Path, reader, index_start: int) -> None:
+    """Refuses a beton whose index (the allocation table at its end) does not cover its samples' data.
+
+    ffcv's reader looks every sample's data up in that index without bounds checks: a beton cut
+    where its index starts, or with its last index entries cut, would crash the process (SIGSEGV)
+    at the first batch instead of raising an error.
+    """
+    table = reader.alloc_table
+    data_start = reader.metadata.nbytes + reader.field_descriptors.nbytes
+    if len(table) and (int(table["ptr"].min()) < data_start
+                       or int((table["ptr"] + table["size"]).max()) > index_start):
+        raise BetonError(f"{path} is truncated or corrupt: its index points outside the data region")
+    pointers = [reader.metadata[f"f{index}"]["data_ptr"] for index in range(len(reader.field_names))
+                if reader.metadata[f"f{index}"].dtype.names and "data_ptr" in reader.metadata[f"f{index}"].dtype.names]
+    if pointers:
+        indexed = np.isin(np.concatenate(pointers), table["ptr"])
+        if not indexed.all():
+            raise BetonError(f"{path} is truncated or corrupt: its index lacks {int((~indexed).sum())} of "
+                             f"{indexed.size} sample data entries ({len(table)} entries from byte {index_start}, "
+                             f"{path.stat().st_size} bytes in all); write it again")
 
 
 def _distributed() -> bool:

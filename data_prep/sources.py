@@ -467,7 +467,7 @@ def load_file_list(list_file: str | Path, max_resolution: int = 256) -> tuple[Fi
     list_file = Path(list_file)
     if not list_file.is_file():
         raise DataError(f"--data.file_list={list_file} does not exist")
-    names = [line.strip() for line in list_file.read_text(errors="replace").splitlines()]
+    names = [line.strip() for line in list_file.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
     paths = [str(name if Path(name).is_absolute() else list_file.parent / name) for name in names if name]
     missing = [path for path in paths if not Path(path).is_file()]
     if not paths or missing:
@@ -527,7 +527,7 @@ def shots_file_indices(source, path: str | Path) -> np.ndarray:
     chosen: dict[int, int] = {}
     for number, entry in entries:
         where = f"{path}:{number}"
-        if entry.lstrip("+-").isdigit():
+        if entry.lstrip("+-").isdecimal():  # not isdigit(): "²" is a digit that int() refuses
             index = int(entry)
             if not 0 <= index < len(source):
                 raise DataError(f"{where}: index {index} is out of range (the training split has {len(source)} "

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.io import open_mode
+from core.io import check_names, open_mode
 from core.progress import progress_bar
 from data_prep.sources import UNLABELLED, DataError, Source
 
@@ -117,6 +117,7 @@ def _validate(source: Source, path: Path) -> None:
 def check_out_dir(out_dir: str | Path) -> None:
     """Refuses, before any work, an output folder that is a file or that cannot be written."""
     out_dir = Path(out_dir)
+    check_names(out_dir, "--data.out_dir")
     existing = out_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from torch import nn
 from augment import build_eval_transform, resolve_preset
 from core.config import ConfigError
 from core.device import resolve_device
-from core.io import atomic_write
+from core.io import atomic_write, check_names, folder_problem
 from core.schedule import lr_at
 from data_prep.loader import BetonLoader, inspect_beton
 from measure.knn import check_label_sets
@@ -148,6 +149,7 @@ def default_out(setup: EvalSetup, out: str, protocol: str) -> Path:
     """
     folder = setup.run_dir if setup.run_dir is not None else Path("runs") / f"random_{setup.arch_cfg['arch']}"
     path = Path(out) if out else folder / f"eval_{protocol}.json"
+    check_names(path, "--eval.out" if out else "the results file")
     if path.is_dir():
         raise ConfigError(f"--eval.out={path} is a folder: name a JSON file")
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
@@ -172,6 +174,10 @@ def write_results(path: Path, results: dict, setup: EvalSetup | None = None) -> 
     top5 = f", top-5 {results['top5']:.2%}" if "top5" in results else ""
     print(f"{results['protocol']} ({results['checkpoint']}): top-1 {results['top1']:.2%}{top5} -> {path}", flush=True)
     if setup is not None and setup.run_dir is not None and (setup.run_dir / "tensorboard").is_dir():
+        if (problem := folder_problem(setup.run_dir / "tensorboard")) is not None:
+            warnings.warn(f"the results are not added to the run's TensorBoard curves: cannot write to "
+                          f"{setup.run_dir / 'tensorboard'} ({problem})", stacklevel=2)
+            return
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(log_dir=str(setup.run_dir / "tensorboard")) as writer:

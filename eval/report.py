@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import torch  # noqa: E402
 
-from core.config import UserError, run_cli  # noqa: E402
+from core.config import UserError, argument_parser, run_cli  # noqa: E402
 from core.io import read_jsonl  # noqa: E402
 
 
@@ -360,7 +360,7 @@ def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a pretraining run directory (holds log.jsonl)")
     parser.add_argument("--baseline", default=None, help="folder of a random encoder's eval_*.json files")
     args = parser.parse_args(argv)

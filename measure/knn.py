@@ -79,7 +79,13 @@ def evaluate_knn(backbone: torch.nn.Module, bank_loader: BetonLoader, query_load
 
 
 def check_label_sets(train: BetonInfo, test: BetonInfo) -> None:
-    """Refuses a test set none of whose classes the training set has; warns when some are missing."""
+    """Refuses unlabelled betons and a test set none of whose classes the training set has; warns when
+    some are missing."""
+    unlabelled = [str(info.path) for info in (train, test) if not info.labelled]
+    if unlabelled:
+        raise ConfigError(f"{' and '.join(dict.fromkeys(unlabelled))} {'is' if len(set(unlabelled)) == 1 else 'are'} "
+                          "unlabelled (every label -1): evaluation needs labelled training and test betons "
+                          "(--data.train_beton, --data.test_beton); pretraining does not")
     train_classes, test_classes = set(np.unique(train.labels).tolist()), set(np.unique(test.labels).tolist())
     missing = sorted(test_classes - train_classes)
     if missing and len(missing) == len(test_classes):

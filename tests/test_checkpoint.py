@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+import train.checkpoint as checkpoint
 from train.checkpoint import CheckpointError, CheckpointWriter
 
 
@@ -85,3 +86,73 @@ def test_mismatch_summary_names_the_offending_keys():
         summary = mismatch_summary(error)
     assert "Missing key(s)" in summary or "Unexpected key(s)" in summary or "size mismatch" in summary
     assert "Error(s) in loading state_dict" not in summary  # the header line is dropped
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    np.random.standard_normal()  # numpy keeps half a Gaussian pair: has_gauss/gauss must round-trip too
+    checkpoint.save_checkpoint(tmp_path / "last.pt", {"model": {}, "config": {}, "rng": checkpoint.rng_state()})
+    expected = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(1 << 30), torch.rand(2))
+    checkpoint.set_rng_state(checkpoint.load_checkpoint(tmp_path / "last.pt")["rng"])
+    again = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(1 << 30), torch.rand(2))
+    assert expected[:3] == again[:3] and torch.equal(expected[3], again[3])
+
+
+def test_a_checkpoint_with_numpys_legacy_rng_tuple_still_loads_and_restores(tmp_path):
+    import numpy as np
+
+    np.random.seed(5)
+    legacy = {"model": {}, "config": {}, "rng": {**checkpoint.rng_state(), "numpy": np.random.get_state()}}
+    torch.save(legacy, tmp_path / "last.pt")  # what checkpoints held before (a numpy array inside)
+    expected = np.random.rand(3)
+    checkpoint.set_rng_state(checkpoint.load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert np.random.rand(3).tolist() == expected.tolist()
+
+
+class _Payload:
+    """Unpickling it runs ``touch MARKER``: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "backbone"])
+def test_a_file_that_would_run_code_is_refused_and_never_executed(betons, tmp_path, what):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data_fixtures import SCRIPT_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    marker, run_dir = tmp_path / "MARKER", tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    hostile = {"model": {}, "config": {"cfg": {"arch": "resnet18"}}, "note": _Payload(marker)}
+    if what == "checkpoint":
+        torch.save(hostile, run_dir / "checkpoints" / "last.pt")
+    else:  # backbone.pt + config.yaml, no last.pt: the export's other source
+        torch.save({"conv1.weight": _Payload(marker)}, run_dir / "backbone.pt")
+        (run_dir / "config.yaml").write_text("cfg:\n  arch: resnet18\n  image_size: 32\n")
+    torch.save(_Payload(tmp_path / "CONTROL"), tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert (tmp_path / "CONTROL").exists()  # the payload is real: an unsafe load runs it
+
+    commands = [[sys.executable, "train/export.py", str(run_dir), "--out", str(tmp_path / "export")]]
+    if what == "checkpoint":
+        commands.append([sys.executable, "eval/knn.py", f"--eval.checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
+                         f"--data.train_beton={betons['train']}", f"--data.test_beton={betons['test']}",
+                         "--eval.device=cpu", f"--eval.out={tmp_path / 'knn.json'}"])
+    for command in commands:
+        result = subprocess.run(command, cwd=root, env=SCRIPT_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "refusing to load" in result.stderr and "posix.system" in result.stderr, result.stderr
+        assert not marker.exists()
+    assert not (tmp_path / "export").exists() and not (tmp_path / "knn.json").exists()

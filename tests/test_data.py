@@ -330,9 +330,8 @@ def test_bad_config_values_exit_non_zero(tmp_path, capsys):
     assert run_cli(write_main, ["-C", str(yaml_file)]) == 2
     err = capsys.readouterr().err
     assert "unknown key(s)" in err and "data.datset_typo" in err
-    with pytest.raises(SystemExit) as exit_info:
-        write_main(["--data.bogus=1"])
-    assert exit_info.value.code == 2
+    assert run_cli(write_main, ["--data.bogus=1"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown argument(s): --data.bogus=1")
 
 
 def test_yaml_config_is_applied(tmp_path):
@@ -363,6 +362,33 @@ def test_bad_betons_are_refused_clearly(tmp_path, good_beton):
             inspect_beton(tmp_path / "cut.beton")
     with pytest.raises(DataError, match="larger than the 40 images"):
         BetonLoader(good_beton, 64, train=True)
+
+
+def test_a_beton_cut_in_its_index_is_one_line_not_a_crash(tmp_path):
+    """ffcv reads the index without bounds checks: these files crashed the process (SIGSEGV/SIGABRT)."""
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    write_main([f"--data.out_dir={tmp_path}", "--data.dataset=synthetic", "--data.synthetic_train=96",
+                "--data.synthetic_test=32", "--data.synthetic_size=16", "--data.num_workers=1"])
+    data = (tmp_path / "synthetic_train.beton").read_bytes()
+    index_start = int(np.frombuffer(data[:HeaderType.itemsize], dtype=HeaderType)[0]["alloc_table_ptr"])
+    cuts = {"at_the_index": index_start, "last_entries": len(data) - 10 * ALLOC_TABLE_TYPE.itemsize,
+            "one_entry": len(data) - ALLOC_TABLE_TYPE.itemsize}
+    for name, keep in cuts.items():
+        (tmp_path / f"{name}.beton").write_bytes(data[:keep])
+        with pytest.raises(BetonError, match="is truncated or corrupt: its index lacks"):
+            inspect_beton(tmp_path / f"{name}.beton")
+    root = Path(__file__).resolve().parents[1]
+    commands = [[sys.executable, "data_prep/inspect_beton.py", str(tmp_path / "one_entry.beton")],
+                [sys.executable, "train/pretrain.py", f"--data.train_beton={tmp_path / 'at_the_index.beton'}",
+                 f"--data.test_beton={tmp_path / 'synthetic_test.beton'}", f"--run.dir={tmp_path / 'run'}",
+                 "--cfg.arch=test_resnet", "--cfg.batch_size=16", "--cfg.epochs=1", "--cfg.proj_dim=32",
+                 "--run.device=cpu", "--run.progress=0", "--run.compile=0", "--data.num_workers=1"]]
+    for command in commands:  # in a subprocess: a crash would kill the test process
+        result = subprocess.run(command, cwd=root, env={**os.environ, "NUMBA_THREADING_LAYER": "omp"},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        assert result.stderr.count("\n") == 1 and "is truncated or corrupt: its index lacks" in result.stderr, result.stderr
 
 
 def test_beton_without_label_field_is_refused(tmp_path):
@@ -733,3 +759,11 @@ def test_betons_get_the_mode_a_plain_open_gives(tmp_path):
         os.umask(previous)
     assert (tmp_path / "new.beton").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "old.beton").stat().st_mode & 0o777 == 0o604  # a replaced file keeps its mode
+
+
+def test_a_shots_file_entry_that_is_a_digit_but_not_a_number_names_its_line(tmp_path):
+    arrays = ArraySource(np.zeros((3, 4, 4, 3), np.uint8), np.arange(3), ("a", "b", "c"))
+    split = tmp_path / "split.txt"
+    split.write_text("0\n\u00b2\n")  # "²".isdigit() is True, but int("²") fails
+    with pytest.raises(DataError, match=rf"^{split}:2: '\u00b2' is a file name"):
+        shots_file_indices(arrays, split)

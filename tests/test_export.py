@@ -279,3 +279,68 @@ def test_export_without_the_stem_maxpool_removes_it_after_pretrained_true(no_max
         torch.testing.assert_close(load_exported(out)(images), expected)
         kept = timm.create_model(f"local-dir:{out}", pretrained=True).eval()(images)  # the max-pool left in
     assert not torch.allclose(kept, expected, atol=1e-3)
+
+
+def test_argument_mistakes_of_the_positional_tools_are_one_line(tmp_path, capsys):
+    from data_prep.inspect_beton import main as inspect_main
+    from eval.report import main as report_main
+
+    for main, argv, message in ((export_main, [], "the following arguments are required: run_dir"),
+                                (export_main, [str(tmp_path), "--image_size=abc"], "invalid int value: 'abc'"),
+                                (export_main, [str(tmp_path), "--ou", "x"], "unrecognized arguments: --ou x"),
+                                (inspect_main, [], "the following arguments are required: betons"),
+                                (report_main, [str(tmp_path), "--bogus"], "unrecognized arguments: --bogus")):
+        assert run_cli(main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("recorded", ["stored_size", "cfg_image_size"])
+def test_an_image_size_that_contradicts_the_runs_is_refused(finished, tmp_path, capsys, recorded):
+    run_dir = finished
+    if recorded == "cfg_image_size":  # the same weights, trained at an explicit cfg.image_size of 16
+        run_dir = tmp_path / "explicit"
+        run_dir.mkdir()
+        (run_dir / "backbone.pt").write_bytes((finished / "backbone.pt").read_bytes())
+        config = yaml.safe_load((finished / "config.yaml").read_text())
+        config["cfg"]["image_size"] = 16
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "export"
+    assert export(run_dir, out, "--image_size=32") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --image_size=32 but the run was trained at ") and "16" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert export(run_dir, out, "--image_size=16") == 0  # agreeing with the run is fine
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 16, 16]
+
+
+def test_the_model_card_names_the_licence_the_data_the_runs_results_and_the_citation(finished, tmp_path):
+    import os
+    import shutil
+
+    from eval.knn import main as knn_main
+    from train.export import PAPER_AUTHORS, PAPER_TITLE
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    knn = knn_main([f"--eval.checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "--eval.device=cpu",
+                    "--eval.progress=0", f"--data.train_beton={config['data']['train_beton']}",
+                    f"--data.test_beton={config['data']['test_beton']}", "--knn.k=10"])
+    (run_dir / "eval_linear_cached.json").write_text(json.dumps({"protocol": "linear_cached", "top1": 0.5,
+                                                                  "test_beton": "x/test.beton"}))
+    os.utime(run_dir / "eval_linear_cached.json", (1, 1))  # older than the checkpoint
+    (run_dir / "eval_broken.json").write_text("{")  # not a figure: left out
+    out = tmp_path / "export"
+    assert export(run_dir, out) == 0
+    card = (out / "README.md").read_text()
+    assert "\nlicense: mit\n" in card.split("---")[1]
+    assert "## Licence\n\nMIT" in card
+    assert "Trained on the beton `train.beton`: 96 images, 16x16 px, 10 classes" in card
+    assert f"| knn | {knn['top1']:.2%} | {knn['top5']:.2%} | `test.beton` | these weights |" in card
+    assert "| linear_cached | 50.00% |  | `test.beton` | an earlier checkpoint of this run |" in card
+    assert "broken" not in card
+    assert f"title  = {{{PAPER_TITLE}}}" in card and f"author = {{{PAPER_AUTHORS}}}" in card
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())["preferred-citation"]
+    assert citation["title"] == PAPER_TITLE and citation["authors"] == [{"name": PAPER_AUTHORS}]
+    assert (REPO / "LICENSE").read_text().startswith("MIT License") and "license: MIT" in (REPO / "CITATION.cff").read_text()

@@ -6,8 +6,10 @@ that suffices, in real subprocesses where processes, locks and signals are the p
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +101,45 @@ def test_torn_last_log_line_is_dropped_with_a_warning(betons, tmp_path):
     assert [line["epoch"] for line in _log(run_dir)] == [1, 2]
 
 
+def test_a_log_line_that_is_not_a_record_stops_the_resume_with_one_line(betons, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
+    (run_dir / "log.jsonl").write_text("42\n" + (run_dir / "log.jsonl").read_text())
+    capsys.readouterr()
+    assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0")) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {run_dir / 'log.jsonl'}:1: a JSON int, not a record ({{...}}): '42'\n"
+
+
+def test_an_unwritable_tensorboard_folder_is_refused_with_one_line(betons, tmp_path):
+    import tempfile
+
+    prefix = []
+    if os.geteuid() == 0:  # root writes through any permission bits: run as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop it")
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    shared = Path(tempfile.mkdtemp(prefix="simmer-tb-"))  # reachable by the unprivileged user as well
+    try:
+        os.chmod(shared, 0o777)
+        for split in ("train", "test"):
+            shutil.copy(betons[split], shared / f"{split}.beton")
+            os.chmod(shared / f"{split}.beton", 0o644)
+        run_dir = shared / "run"
+        (run_dir / "tensorboard").mkdir(parents=True)
+        os.chmod(run_dir, 0o777)
+        os.chmod(run_dir / "tensorboard", 0o555)
+        copies = {split: shared / f"{split}.beton" for split in ("train", "test")}
+        result = subprocess.run([*prefix, sys.executable, "train/pretrain.py",
+                                 *tiny_args(copies, run_dir, "--run.knn_every=0")],
+                                cwd=REPO, env=SCRIPT_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr == (f"error: cannot write TensorBoard's files to {run_dir / 'tensorboard'} "
+                                 "(Permission denied); fix it, or pass --run.logger=none\n")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_stale_checkpoint_temporaries_are_removed_at_start(betons, tmp_path, capsys):
     run_dir = tmp_path / "run"
     pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
@@ -126,8 +167,25 @@ def test_unwritable_run_dir_is_refused_before_any_work(betons, tmp_path, capsys,
     assert not (run_dir.is_dir() and (run_dir / "log.jsonl").exists())
 
 
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails as a full disk does (``OSError(ENOSPC)``)."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.handle.write(data)
+
+
+@pytest.mark.parametrize("how", ["oserror", "torch_unexpected_pos"])
 def test_full_disk_during_a_checkpoint_names_the_problem_and_keeps_the_last_one(betons, tmp_path, capsys,
-                                                                                monkeypatch):
+                                                                                monkeypatch, how):
     run_dir = tmp_path / "run"
     pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
@@ -135,18 +193,47 @@ def test_full_disk_during_a_checkpoint_names_the_problem_and_keeps_the_last_one(
 
     def full_disk(obj, handle, *args, **kwargs):
         if isinstance(obj, dict) and "optimizer" in obj:  # a checkpoint (not the backbone)
-            handle.write(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if how == "oserror":
+                handle.write(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, _FullDisk(handle, 4096), *args, **kwargs)  # torch: "unexpected pos"
         return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
+    if how == "torch_unexpected_pos":  # no free space left, as on the real full disk
+        monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
     capsys.readouterr()
     assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0")) == 2
     err = capsys.readouterr().err
     assert f"cannot write checkpoint {run_dir / 'checkpoints' / 'last.pt'} (No space left on device;" in err
-    assert "MiB free" in err and "Traceback" not in err
+    assert "MiB free" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_a_real_full_disk_during_a_checkpoint_is_one_line_exit_2(betons, tmp_path):
+    """On a real, small file system (a tmpfs; needs the right to mount one, else skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run_dir = disk / "run"
+        pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1", "--run.probe=0"))
+        before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - 256 * 1024))  # room for the log lines, not a checkpoint
+        result = subprocess.run([sys.executable, "train/pretrain.py",
+                                 *tiny_args(betons, run_dir, "--run.knn_every=0", "--run.probe=0")],
+                                cwd=REPO, env=SCRIPT_ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: cannot write checkpoint {run_dir / 'checkpoints'}")
+        assert "No space left on device" in lines[0] and "previous checkpoint is kept" in lines[0], lines
+        assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _sigterm_once(index: int, betons: dict[str, Path], folder: Path) -> tuple[int, str]:

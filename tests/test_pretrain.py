@@ -204,6 +204,13 @@ def test_bad_configs_fail_before_any_work(betons, tmp_path, capsys, flag, messag
     (b"cfg:\n  K: 4.7\n", "--cfg.K=4.7 is invalid: expected an integer >= 2"),  # the same rule as the flag
     (b"cfg:\n  lr: .nan\n", "--cfg.lr=nan is invalid"),
     (b"cfg:\n  arch: r\xe9snet\n", "is not UTF-8 text"),
+    (b"cfg:\n  K:\n", "cfg.K has no value"),  # an empty value is not the default
+    (b"cfg:\n  lr: ~\n  K: 4\n", "cfg.lr has no value"),
+    (b"run:\n  dir:\ncfg:\n  proj_dim:\n", "cfg.proj_dim, run.dir have no value"),
+    (b"cfg:\n  arch: ''\n", "--cfg.arch='' is invalid: expected a non-empty string"),
+    (b"cfg:\n  lr: 0.1\n   K: 3\n", "is not valid YAML: line 3, column 5: mapping values are not allowed here"),
+    (b"cfg:\n  lr: [0.1\n", "is not valid YAML: line 3, column 1: expected ',' or ']'"),
+    (b"cfg:\n\tlr: 1\n", "is not valid YAML: line 2, column 1: found character '\\t' that cannot start any token"),
 ])
 def test_bad_yaml_values_are_refused_like_flags(tmp_path, capsys, content, message):
     config = tmp_path / "bad.yaml"
@@ -212,6 +219,28 @@ def test_bad_yaml_values_are_refused_like_flags(tmp_path, capsys, content, messa
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run.dir="], "--run.dir='' is invalid: expected a non-empty string"),
+    (["--run.dir=  "], "--run.dir='  ' is invalid: expected a non-empty string"),
+    (["--cfg.lrr=0.1", "--foo"], "unknown argument(s): --cfg.lrr=0.1 (did you mean --cfg.lr?), --foo; see --help"),
+    (["--cfg.warm=1"], "unknown argument(s): --cfg.warm=1 (did you mean --cfg.warmup_epochs?)"),  # no abbreviations
+    (["configs/demo.yaml"], "configs/demo.yaml (a config file goes after -C)"),
+    (["-C"], "argument -C/--config-file: expected one argument"),
+])
+def test_flag_mistakes_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # an empty run dir would have meant this folder
+    assert run_cli(pretrain_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_section_is_no_mistake(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n#  dir: commented out\ncfg:\n  K: 6\n")
+    assert pretrain_main(["-C", str(config), "--run.dry_run=1"])["cfg"]["K"] == 6
 
 
 def test_unknown_yaml_key_and_dry_run(betons, tmp_path, capsys):

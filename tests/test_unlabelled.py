@@ -72,3 +72,44 @@ def test_pretraining_on_unlabelled_images_switches_the_monitor_and_probe_off(tmp
     assert [line["epoch"] for line in log] == [1, 2] and not summary["interrupted"]
     assert not any(key.startswith(("knn", "probe")) for line in log for key in line)
     assert (tmp_path / "run" / "backbone.pt").is_file()
+
+
+def test_a_file_list_saved_with_a_utf8_bom_is_read(tmp_path):
+    listed = _images(tmp_path / "listed", 5)
+    names = "\n".join(str(p.relative_to(tmp_path / "listed")) for p in listed)
+    (tmp_path / "listed" / "files.txt").write_bytes(b"\xef\xbb\xbf" + names.encode())  # Windows Notepad's UTF-8
+    _write([f"--data.file_list={tmp_path / 'listed' / 'files.txt'}"], tmp_path / "out")
+    assert inspect_beton(tmp_path / "out" / "folder_train.beton").num_samples == 5
+
+
+@pytest.fixture(scope="module")
+def unlabelled_beton(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("unlabelled")
+    _images(folder / "photos", 24)
+    _write([f"--data.root={folder / 'photos'}"], folder / "out")
+    return folder / "out" / "folder_train.beton"
+
+
+def test_inspect_beton_describes_an_unlabelled_beton(unlabelled_beton, capsys):
+    from data_prep.inspect_beton import main as inspect_main
+
+    assert run_cli(inspect_main, [str(unlabelled_beton)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:4] == [str(unlabelled_beton), "24", "none", "unlabelled"]
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear", "finetune"])
+@pytest.mark.parametrize("which", ["train", "both"])
+def test_evaluation_on_an_unlabelled_beton_is_one_line_exit_2(unlabelled_beton, betons, tmp_path, capsys,
+                                                              protocol, which):
+    import importlib
+
+    main = importlib.import_module(f"eval.{protocol}").main
+    test = unlabelled_beton if which == "both" else betons["test"]
+    argv = ["--eval.checkpoint=random", "--cfg.arch=test_resnet", "--eval.device=cpu", "--eval.progress=0",
+            f"--data.train_beton={unlabelled_beton}", f"--data.test_beton={test}", f"--eval.out={tmp_path / 'r.json'}"]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {unlabelled_beton} is unlabelled (every label -1): evaluation needs labelled training "
+                   "and test betons (--data.train_beton, --data.test_beton); pretraining does not\n")
+    assert not (tmp_path / "r.json").exists()

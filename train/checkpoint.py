@@ -7,15 +7,23 @@ A checkpoint is a dict with ``model`` (the *uncompiled*, unwrapped encoder's sta
 ``config`` (the resolved config) and ``steps_per_epoch``. It is written to a temporary file in the same folder, then
 renamed: a crash at any moment leaves the previous checkpoint intact.
 
+Every file is read with ``torch.load(..., weights_only=True)`` (:func:`safe_load`): tensors, numbers,
+strings and containers only, so a checkpoint cannot run code when it is loaded. The states above
+are stored in that form (numpy's RNG state as a dict of plain values and a tensor); a file that
+needs more is refused with one line.
+
 ``backbone.pt`` (:func:`save_backbone`) is the backbone alone, in timm's keys, for other code.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,37 +40,68 @@ class CheckpointError(UserError):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The python, numpy, torch (and CUDA) generators' states, in a form ``weights_only`` loading reads."""
+    legacy = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
+    numpy_state = {"bit_generator": legacy["bit_generator"], "pos": int(legacy["state"]["pos"]),
+                   "key": torch.from_numpy(legacy["state"]["key"].astype(np.int64)),
+                   "has_gauss": int(legacy["has_gauss"]), "gauss": float(legacy["gauss"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved):
+    """``np.random.set_state``'s argument from a saved state (:func:`rng_state`'s dict, or the legacy tuple)."""
+    if not isinstance(saved, dict):
+        return saved
+    return {"bit_generator": saved["bit_generator"], "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}}
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically (temporary file + rename).
+# What torch raises when the file under its zip writer fails (a full disk, an I/O error): the
+# Python error is swallowed and only the writer's position check reports it.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "unexpected pos")
 
-    A failed write (a full disk, an I/O error) leaves the previous file and raises
-    :class:`CheckpointError` saying what happened and how much space is left.
-    """
+
+def _write_torch_file(path: str | Path, state, what: str, advice: str) -> None:
+    """``torch.save(state)`` to ``path`` atomically; a failed write is one :class:`CheckpointError` line."""
     try:
         atomic_write(path, lambda handle: torch.save(state, handle))
     except (OSError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "PytorchStreamWriter" not in str(error):
+        if isinstance(error, RuntimeError) and not any(mark in str(error) for mark in _TORCH_WRITE_FAILURES):
             raise
-        reason = getattr(error, "strerror", None) or "the write failed"
+        free = None
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(Path(path).parent).free
+        if isinstance(error, OSError):
+            reason = error.strerror or error.__class__.__name__
+        elif free is not None and free < 2**20:
+            reason = "No space left on device"
+        else:
+            reason = "the write stopped short (an I/O error?)"
+        if free is not None:
             reason += f"; {free / 2**20:.0f} MiB free on that disk"
-        raise CheckpointError(f"cannot write checkpoint {path} ({reason}). The previous checkpoint is kept; "
-                              "free some space (or fix the disk) and re-run the same command to resume") from None
+        raise CheckpointError(f"cannot write {what} {path} ({reason}). {advice}") from None
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Writes ``state`` to ``path`` atomically (temporary file + rename).
+
+    A failed write (a full disk, an I/O error; torch reports the first as ``OSError`` or as its
+    writer's ``unexpected pos``) leaves the previous file and raises :class:`CheckpointError`
+    saying what happened and how much space is left.
+    """
+    _write_torch_file(path, state, "checkpoint", "The previous checkpoint is kept; free some space (or fix the "
+                      "disk) and re-run the same command to resume")
 
 
 class CheckpointWriter:
@@ -139,15 +178,44 @@ def mismatch_summary(error: RuntimeError) -> str:
     return lines[1].strip() if len(lines) > 1 else lines[0]
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Reads a checkpoint written by :func:`save_checkpoint` (on CPU)."""
+# Checkpoints written before the RNG states were stored as plain values hold numpy's state as an
+# array; these three rebuild a numeric array and nothing else.
+_NUMPY_ARRAY_GLOBALS = (np.ndarray, np.dtype, np.dtype("uint32").__class__,
+                        getattr(np, "_core", np.core).multiarray._reconstruct)
+
+
+def safe_load(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on CPU; any failure is one :class:`CheckpointError` line.
+
+    A file holding anything but tensors, numbers, strings and containers (a pickled class or function,
+    which could run code when loaded) is refused, naming the first such object; it is never executed.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.__class__.__name__}: {error}") from None
+        with torch.serialization.safe_globals(list(_NUMPY_ARRAY_GLOBALS)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, foreign objects, ...
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        unsafe = next((match.group(1) for line in lines if (match := re.search(r"GLOBAL ([\w.]+)", line))), None)
+        if unsafe is not None:
+            raise CheckpointError(f"refusing to load {what} {path}: it holds a reference to {unsafe}, which could "
+                                  "run code when loaded (only tensors and plain values are read); nothing of it "
+                                  "was executed") from None
+        if isinstance(error, pickle.UnpicklingError):
+            detail = next((line for line in reversed(lines) if not line.startswith("Check the documentation")), "")
+            raise CheckpointError(f"cannot read {what} {path}: not a PyTorch file of tensors and plain values "
+                                  f"({detail.rstrip('.')})") from None
+        detail = lines[0] if lines else "empty or truncated"
+        raise CheckpointError(f"cannot read {what} {path}: {error.__class__.__name__}: {detail}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Reads a checkpoint written by :func:`save_checkpoint` (on CPU, weights only: :func:`safe_load`)."""
+    path = Path(path)
+    state = safe_load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a SimMER pretraining checkpoint (no model/config inside)")
     return state
@@ -189,4 +257,5 @@ def save_backbone(encoder: torch.nn.Module, path: str | os.PathLike) -> None:
     Readable with ``torch.load(path, weights_only=True)`` into a plain timm model (README).
     """
     state = backbone_state(encoder)
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    _write_torch_file(path, state, "the backbone's weights", "The checkpoint holds them too; free some space "
+                      "(or fix the disk) and re-run the same command to write them")

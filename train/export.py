@@ -10,7 +10,8 @@ Writes the run's backbone in the layout timm and the Hugging Face Hub use for ti
   ``crop_pct`` 1 and ``interpolation``; plus a ``simmer`` block timm ignores: ``cifar_stem``,
   ``maxpool`` (kept or removed: ``cfg.maxpool``), ``stem`` (the replaced modules), ``image_size``,
   ``augment``, ``epoch``, ``step``;
-* ``README.md``: a model card with the loading code for this export.
+* ``README.md``: a model card: the loading code for this export, the training data, the run's
+  evaluation results (``RUN_DIR/eval_*.json``), the licence (MIT) and the paper to cite.
 
 The weights come from ``checkpoints/last.pt`` (the newest; its ``backbone.*`` keys) or, without
 it, from ``backbone.pt`` with ``config.yaml``. Loading, with timm only::
@@ -50,21 +51,25 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import safetensors.torch  # noqa: E402
 import timm  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import PRESETS, resolve_preset  # noqa: E402
-from core.config import UserError, run_cli  # noqa: E402
-from core.io import atomic_write  # noqa: E402
+from core.config import UserError, argument_parser, run_cli  # noqa: E402
+from core.io import atomic_write, check_names  # noqa: E402
 from data_prep.loader import inspect_beton  # noqa: E402
-from train.checkpoint import load_checkpoint, mismatch_summary  # noqa: E402
+from train.checkpoint import load_checkpoint, mismatch_summary, safe_load  # noqa: E402
 from train.model import apply_cifar_stem, backbone_state, build_backbone, stem_from_cfg  # noqa: E402
 from train.rundir import RunDir  # noqa: E402
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+LICENSE_ID = "mit"  # the repository's LICENSE, which covers the exported weights too
+# The paper, as CITATION.cff at the repository's root cites it (a test keeps the two equal).
+PAPER_TITLE = "SimMER: Simple Maximization of Entropy and Rank for Self-Supervised Representation Learning"
+PAPER_AUTHORS = "Anonymous authors"
+PAPER_NOTE = "Paper under double-blind review"
 
 # pretrained_cfg fields timm copies from the architecture's default (ImageNet) weights; they describe
 # those weights, not these, so the export drops them.
@@ -88,6 +93,8 @@ class ExportedBackbone:
     epoch: int
     step: int | None
     source: Path  # the file the weights came from
+    run_dir: Path | None = None  # the run directory (its evaluation results go into the model card)
+    train_beton: str = ""  # the training beton the run's config names
 
 
 def _stem_lines(exported: ExportedBackbone) -> tuple[str, str] | None:
@@ -132,9 +139,12 @@ def read_run(run_dir: str | os.PathLike, image_size: int | None = None) -> Expor
             raise ExportError(f"{files.backbone} has no {files.config.name} beside it: the architecture is unknown")
         try:
             config = yaml.safe_load(files.config.read_text())
-            state = torch.load(files.backbone, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - a truncated or foreign file
-            raise ExportError(f"cannot read {files.path}: {error.__class__.__name__}: {error}") from None
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ExportError(f"cannot read {files.config}: {error.__class__.__name__}: {first}") from None
+        state = safe_load(files.backbone, "backbone weights")
+        if not isinstance(state, dict):
+            raise ExportError(f"{files.backbone} holds a {type(state).__name__}, not a backbone's weights")
         source, summary = files.backbone, _read_summary(files.summary)
         epoch, step = int(summary.get("epochs_done", 0)), summary.get("steps")
     else:
@@ -160,7 +170,8 @@ def read_run(run_dir: str | os.PathLike, image_size: int | None = None) -> Expor
         raise ExportError(f"{source} does not fit a {arch} backbone ({'CIFAR' if cifar_stem else 'timm'} stem, "
                           f"{size} px): {mismatch_summary(error)}") from None
     preset = resolve_preset(cfg.get("augment", "auto"), size)
-    return ExportedBackbone(backbone.eval(), arch, cifar_stem, maxpool, size, preset, epoch, step, source)
+    return ExportedBackbone(backbone.eval(), arch, cifar_stem, maxpool, size, preset, epoch, step, source,
+                            files.path, str(config.get("data", {}).get("train_beton", "")))
 
 
 def _read_summary(path: Path) -> dict:
@@ -173,24 +184,36 @@ def _read_summary(path: Path) -> dict:
 
 
 def _image_size(cfg: dict, data: dict, requested: int | None) -> int:
-    """The side of the training images: ``cfg.image_size``, else ``requested``, else the beton's stored size."""
+    """The side of the training images: ``cfg.image_size``, else the training beton's stored size.
+
+    ``requested`` (``--image_size``) must agree with whichever of these the run recorded: a
+    contradiction is refused (a backbone exported at another size would carry the wrong
+    ``input_size``). Only when the run used the stored size and its beton can no longer be read
+    does ``requested`` supply the size.
+    """
+    if requested is not None and requested < 1:
+        raise ExportError(f"--image_size must be positive, got {requested}")
     configured = int(cfg.get("image_size") or 0)
     if configured:
         if requested not in (None, configured):
-            raise ExportError(f"--image_size={requested} but the run was trained at cfg.image_size={configured}")
+            raise ExportError(f"--image_size={requested} but the run was trained at cfg.image_size={configured}; "
+                              "drop --image_size")
         return configured
-    if requested is not None:
-        if requested < 1:
-            raise ExportError(f"--image_size must be positive, got {requested}")
-        return requested
     beton = data.get("train_beton", "")
     try:
         fixed = inspect_beton(beton).fixed_size
     except Exception:  # noqa: BLE001 - moved, deleted or unreadable: the user names the size
+        if requested is not None:
+            return requested
         raise ExportError(f"the run used the stored image size (cfg.image_size=0) of {beton or 'its beton'}, "
                           "which cannot be read here: pass --image_size") from None
     if fixed is None:
+        if requested is not None:
+            return requested
         raise ExportError(f"{beton} holds images of several sizes: pass --image_size")
+    if requested not in (None, int(fixed[0])):
+        raise ExportError(f"--image_size={requested} but the run was trained at the {fixed[0]} px stored in its "
+                          f"training beton {beton}; drop --image_size")
     return int(fixed[0])
 
 
@@ -213,8 +236,63 @@ def hub_config(exported: ExportedBackbone) -> dict:
     return config
 
 
+def _training_data(exported: ExportedBackbone) -> str:
+    """One sentence on the training data: the beton's name, and its images, size and classes when readable."""
+    if not exported.train_beton:
+        return "The run's config does not name its training data."
+    name = Path(exported.train_beton).name
+    try:
+        info = inspect_beton(exported.train_beton)
+    except Exception:  # noqa: BLE001 - moved or deleted since: the name is all there is
+        return f"Trained on the beton `{name}` (not readable when this export was made)."
+    sizes = "x".join(map(str, info.fixed_size)) + " px" if info.fixed_size else "images of several sizes"
+    labels = f"{info.num_classes} classes, labels unused by pretraining" if info.labelled else "unlabelled"
+    return f"Trained on the beton `{name}`: {info.num_samples:,} images, {sizes}, {labels}."
+
+
+def _evaluations(exported: ExportedBackbone) -> list[str]:
+    """Markdown table rows of the run's evaluation results (``RUN_DIR/eval_*.json``); [] when there are none."""
+    if exported.run_dir is None:
+        return []
+    rows = []
+    for path in sorted(exported.run_dir.glob("eval_*.json")):
+        try:
+            result = json.loads(path.read_text())
+            top1 = float(result["top1"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a broken or foreign file is not a figure
+        top5 = result.get("top5")
+        test = Path(str(result.get("test_beton", ""))).name or "?"
+        evaluated = Path(str(result.get("checkpoint", "")))
+        if evaluated.name and evaluated.name != exported.source.name and evaluated.name != "last.pt":
+            measured = f"`{evaluated.name}` of this run"  # e.g. a kept epoch_<N>.pt
+        elif path.stat().st_mtime < exported.source.stat().st_mtime:
+            measured = "an earlier checkpoint of this run"
+        else:
+            measured = "these weights"
+        rows.append(f"| {result.get('protocol', path.stem.removeprefix('eval_'))} | {top1:.2%} | "
+                    f"{'' if top5 is None else f'{float(top5):.2%}'} | `{test}` | {measured} |")
+    return rows
+
+
+def _card_facts(exported: ExportedBackbone) -> list[str]:
+    """The card's sections on the training data, the evaluations, the licence and the citation."""
+    rows = _evaluations(exported)
+    results = (["| protocol | top-1 | top-5 | test set | measured on |", "|---|---|---|---|---|", *rows] if rows else
+               ["No evaluation of this run was found (`eval_*.json` in its run directory): run `eval/knn.py` "
+                "or `eval/linear.py` on it, then export again."])
+    return [
+        "## Training data", "", _training_data(exported), "",
+        "## Evaluation", "", *results, "",
+        "## Licence", "",
+        f"MIT (`license: {LICENSE_ID}`), as the code that trained it. The training data keeps its own terms.", "",
+        "## Citation", "", "```bibtex", "@misc{simmer,", f"  title  = {{{PAPER_TITLE}}},",
+        f"  author = {{{PAPER_AUTHORS}}},", f"  note   = {{{PAPER_NOTE}}},", "}", "```", ""]
+
+
 def model_card(exported: ExportedBackbone, config: dict, repo: str | None = None) -> str:
-    """``README.md`` of the export: what it is and the code that loads it."""
+    """``README.md`` of the export: what it is, the code that loads it, its training data, the run's
+    evaluation results, the licence and the citation."""
     where = f"hf-hub:{repo}" if repo else "local-dir:DIR"
     weights = (f'hf_hub_download("{repo}", "{WEIGHTS_NAME}")' if repo else f'"DIR/{WEIGHTS_NAME}"')
     lines = _stem_lines(exported)
@@ -241,14 +319,14 @@ def model_card(exported: ExportedBackbone, config: dict, repo: str | None = None
         note = "The architecture is timm's own: `pretrained=True` loads the weights."
     pretrained = config["pretrained_cfg"]
     return "\n".join([
-        "---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", "- self-supervised", "---",
+        "---", "library_name: timm", f"license: {LICENSE_ID}", "tags:", "- image-feature-extraction", "- timm", "- self-supervised", "---",
         f"# {config['architecture']} backbone, SimMER self-supervised pretraining", "",
         f"Pooled features of {config['num_features']} dimensions (`num_classes=0`) from epoch {exported.epoch} "
         f"of a SimMER run. Input: RGB {pretrained['input_size'][1]}x{pretrained['input_size'][2]} scaled to [0, 1], "
         f"normalised with mean {pretrained['mean']} and std {pretrained['std']} "
         "(`timm.data.resolve_data_config(model=backbone)` returns them).", "",
         note + ("" if repo else " `DIR` is this folder."), "", "```python", code, "features = backbone(images)  # (N, 3, H, W) normalised -> (N, "
-        f"{config['num_features']})", "```", ""])
+        f"{config['num_features']})", "```", "", *_card_facts(exported)])
 
 
 def export_backbone(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -261,7 +339,9 @@ def export_backbone(run_dir: str | os.PathLike, out: str | os.PathLike | None = 
     Raises:
         ExportError: see :func:`read_run`; ``out`` is a file or cannot be written.
     """
+    check_names(run_dir, "RUN_DIR")
     out = Path(out) if out is not None else Path(run_dir) / "export"
+    check_names(out, "--out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file: name a folder")
     exported = read_run(run_dir, image_size)
@@ -344,11 +424,12 @@ def push_folder(folder: str | os.PathLike, repo: str, token: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a pretraining run directory (checkpoints/last.pt, or backbone.pt + config.yaml)")
     parser.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/export)")
     parser.add_argument("--image_size", type=int, default=None,
-                        help="training image side; only when the run used cfg.image_size=0 and its beton is gone")
+                        help="training image side; only when the run used cfg.image_size=0 and its beton is gone "
+                             "(a size that contradicts the run's is refused)")
     parser.add_argument("--push_to_hub", metavar="REPO", default=None,
                         help="also upload the folder to this Hugging Face Hub model repo (needs the network and a "
                              "token, HF_TOKEN or `hf auth login`; not covered by the offline tests)")

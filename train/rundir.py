@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from core.config import UserError
+from core.io import check_names
 
 
 class RunDirError(UserError):
@@ -38,6 +39,7 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator["RunDir"]:
         """Holds the run directory's lock; raises :class:`RunDirError` when another process holds it."""
+        check_names(self.path, "--run.dir")
         self._make(self.path)
         lock_path = self.path / ".lock"
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from core.config import ConfigError
+from core.io import folder_problem
 
 LOGGERS = ("tensorboard", "wandb", "none")
 
@@ -42,6 +43,9 @@ class Tracker:
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
+            if (problem := folder_problem(run_dir / "tensorboard")) is not None:
+                raise ConfigError(f"cannot write TensorBoard's files to {run_dir / 'tensorboard'} ({problem}); "
+                                  "fix it, or pass --run.logger=none")
             purge = None if resume_step is None else resume_step + 1  # what a killed run logged after its checkpoint
             self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         if "wandb" in loggers:
