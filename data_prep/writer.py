@@ -404,6 +404,7 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
         error_dir = tempfile.mkdtemp(prefix="beton-errors-")
         cleanup.callback(shutil.rmtree, error_dir, ignore_errors=True)
         temporaries: dict[Path, Path] = {}
+        sidecars: dict[Path, Path] = {}  # the class names' temporaries
         for path, source in splits.items():
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,8 +413,9 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
             temporary = temporaries[path] = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             cleanup.callback(temporary.unlink, missing_ok=True)
             names = _class_names(source)
+            sidecar = class_names_path(path).with_name(f"{class_names_path(path).name}.tmp-{os.getpid()}")
             if names:
-                sidecar = class_names_path(temporary)  # <name>.beton.tmp-<pid>.classes.json
+                sidecars[path] = sidecar
                 cleanup.callback(sidecar.unlink, missing_ok=True)
                 try:
                     sidecar.write_text(json.dumps({"classes": list(names)}, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -437,9 +439,9 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
                 try:
                     os.chmod(temporary, open_mode(path))
                     os.replace(temporary, path)
-                    if class_names_path(temporary).is_file():
-                        os.chmod(class_names_path(temporary), open_mode(class_names_path(path)))
-                        os.replace(class_names_path(temporary), class_names_path(path))
+                    if path in sidecars:
+                        os.chmod(sidecars[path], open_mode(class_names_path(path)))
+                        os.replace(sidecars[path], class_names_path(path))
                     else:  # an old sidecar would name the classes of another beton
                         class_names_path(path).unlink(missing_ok=True)
                 except OSError as error:
