@@ -7,7 +7,9 @@ A beton holds two fields, ``image`` (:class:`ffcv.fields.RGBImageField`, RGB uin
 
 Safety: every file is written to ``<name>.tmp-<pid>`` and renamed only when all files of the
 call are complete, so a failed or interrupted conversion leaves no ``.beton`` and no temporary
-file. ffcv's own writer waits forever when a worker process fails (a full disk, a bug) and leaves
+file. A beton whose source names its classes (folder names, CIFAR's) gets a sidecar
+``<name>.beton.classes.json`` (``{"classes": [...]}``, label = position), written and renamed with
+it; rewriting a beton without names removes an old sidecar (:func:`read_class_names` reads it). ffcv's own writer waits forever when a worker process fails (a full disk, a bug) and leaves
 its workers running when the main process is stopped; :class:`_Writer` runs the same on-disk
 format under a main process that watches its workers:
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import multiprocessing
 import os
 import queue
@@ -88,6 +91,41 @@ def _page_size(max_side: int) -> int:
     while page < 4 * 3 * max_side * max_side:
         page <<= 1
     return page
+
+
+def class_names_path(beton: str | Path) -> Path:
+    """The class-names sidecar of a beton: ``<name>.beton.classes.json``."""
+    beton = Path(beton)
+    return beton.with_name(beton.name + ".classes.json")
+
+
+def _class_names(source: Source) -> tuple[str, ...]:
+    """The names of a labelled source's classes, when it has one for every label (else none)."""
+    labels = np.asarray(source.labels)
+    names = tuple(str(name) for name in getattr(source, "classes", ()) or ())
+    if not len(labels) or labels.min() < 0 or len(names) <= labels.max():
+        return ()
+    return names
+
+
+def read_class_names(beton: str | Path, num_classes: int) -> tuple[str, ...] | None:
+    """The class names kept beside ``beton``, or None without a usable sidecar (one with fewer than
+    ``num_classes`` names, or that is not a list of strings, is ignored with a warning)."""
+    import warnings
+
+    path = class_names_path(beton)
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+        warnings.warn(f"{path} is not a class-names file ({error}); classes are shown by number", stacklevel=2)
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) < num_classes:
+        warnings.warn(f"{path} does not name the {num_classes} classes of {beton}; classes are shown by number",
+                      stacklevel=2)
+        return None
+    return tuple(names)
 
 
 @dataclass
@@ -367,6 +405,7 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
         error_dir = tempfile.mkdtemp(prefix="beton-errors-")
         cleanup.callback(shutil.rmtree, error_dir, ignore_errors=True)
         temporaries: dict[Path, Path] = {}
+        sidecars: dict[Path, Path] = {}  # the class names' temporaries
         for path, source in splits.items():
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,6 +413,15 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
                 raise DataError(f"cannot create the folder {path.parent}: {error.strerror or error}") from None
             temporary = temporaries[path] = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             cleanup.callback(temporary.unlink, missing_ok=True)
+            names = _class_names(source)
+            sidecar = class_names_path(path).with_name(f"{class_names_path(path).name}.tmp-{os.getpid()}")
+            if names:
+                sidecars[path] = sidecar
+                cleanup.callback(sidecar.unlink, missing_ok=True)
+                try:
+                    sidecar.write_text(json.dumps({"classes": list(names)}, ensure_ascii=False) + "\n", encoding="utf-8")
+                except OSError as error:
+                    raise DataError(f"cannot write {sidecar}: {error.strerror or error}") from None
             fields = beton_fields(source.max_side, write_mode, jpeg_quality)
             print(f"writing {path} ({len(source)} images)", flush=True)
             try:
@@ -392,6 +440,11 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
                 try:
                     os.chmod(temporary, open_mode(path))
                     os.replace(temporary, path)
+                    if path in sidecars:
+                        os.chmod(sidecars[path], open_mode(class_names_path(path)))
+                        os.replace(sidecars[path], class_names_path(path))
+                    else:  # an old sidecar would name the classes of another beton
+                        class_names_path(path).unlink(missing_ok=True)
                 except OSError as error:
                     raise DataError(f"cannot move {temporary.name} to {path}: {error.strerror or error}") from None
         return [WriteResult(path, len(source), _count_classes(source.labels), path.stat().st_size)

@@ -69,17 +69,29 @@ def image_checksums(images: torch.Tensor) -> torch.Tensor:
     return images.sum(dim=(1, 2, 3), dtype=torch.int64)
 
 
-def read_images(loader: BetonLoader, progress: bool = False, desc: str = "reading") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of an eval-mode ``loader``, decoded once: uint8 (N, 3, H, W) and labels (N,) on its device."""
+def read_images(loader: BetonLoader, progress: bool = False, desc: str = "reading",
+                indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of an eval-mode ``loader``, decoded once: uint8 (N, 3, H, W) and labels (N,) on its device.
+
+    ``indices`` (sorted, e.g. :func:`measure.sample.spread_indices`): keep only those images (the
+    whole beton is still read, and all its labels checked).
+    """
     if loader.train:
         raise ValueError("reading a beton whole needs an eval-mode loader (every sample once, in order)")
-    images, labels = [], []
+    keep = None if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    images, labels, kept, start = [], [], [], 0
     for batch in progress_bar(loader, progress, desc=desc, leave=False, unit="batch"):
-        images.append(batch.images)
         labels.append(batch.labels)
+        if keep is None:
+            images.append(batch.images)
+        else:
+            inside = keep[(keep >= start) & (keep < start + len(batch.labels))] - start
+            images.append(batch.images[inside.to(batch.images.device)])
+            kept.append(batch.labels[inside.to(batch.labels.device)])
+        start += len(batch.labels)
     labels = torch.cat(labels)
     check_batch_labels(labels, loader.info, loader.batch_size)
-    return torch.cat(images).contiguous(memory_format=torch.channels_last), labels
+    return torch.cat(images).contiguous(memory_format=torch.channels_last), labels if keep is None else torch.cat(kept)
 
 
 @torch.no_grad()

@@ -146,10 +146,12 @@ def test_retrieval_finds_the_images_themselves(tmp_path):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
     features = torch.nn.functional.normalize(torch.randn(12, 8, generator=generator), dim=1)
-    pictures = Pictures({}, torch.zeros(3, 4, 4), images, features, torch.arange(12) % 3, images.flip(0),
-                        features.flip(0), ("a", "b", "c"))
+    labels = torch.arange(12) % 3
+    pictures = Pictures({}, torch.zeros(3, 4, 4), images, features, labels, images.flip(0), features.flip(0),
+                        labels.flip(0), ("a", "b", "c"))
     similarity = pictures.test_features[:8] @ pictures.bank_features.T
     assert similarity.argmax(1).tolist() == [11 - i for i in range(8)]
-    plot_retrieval(pictures, tmp_path / "retrieval.png")
+    figure = plot_retrieval(pictures, tmp_path / "retrieval.png")
+    assert all(axes.get_title().startswith("1.00 ✓") for axes in figure.axes[1::6])  # each query found itself first
     with Image.open(tmp_path / "retrieval.png") as image:
         image.verify()
