@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from contextlib import nullcontext
