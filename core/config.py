@@ -36,6 +36,7 @@ DATASETS = ("cifar10", "cifar100", "miniimagenet", "folder", "synthetic")
 WRITE_MODES = ("raw", "jpg", "smart")
 AUGMENT_PRESETS = ("auto", "cifar", "imagenet")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_READING = ("data.train_beton", "data.test_beton", "data.num_workers")  # the data.* keys of tools that read betons
 
 
 class Int(Checker):
@@ -215,9 +216,9 @@ def _declare(config: Config) -> None:
                             "evenly spaced over the test beton (else the training beton); 0 = the last training "
                             "batch's zbar", default=2048),
         logger=Param(Text(empty=False), "live tracking: tensorboard, wandb, both (tensorboard,wandb) or none", default="tensorboard"),
-        wandb_project=Param(Text(empty=False), "W&B project (with run.logger=wandb)", default="simmer"),
-        wandb_mode=Param(Choice(("online", "offline")), "W&B mode; offline needs no network (wandb sync uploads later)",
-                         default="online"),
+        wandb_project=Param(Text(), "W&B project (with run.logger=wandb); '' = WANDB_PROJECT, else simmer", default=""),
+        wandb_mode=Param(Choice(("", "online", "offline", "disabled")), "W&B mode; offline needs no network (wandb sync "
+                         "uploads later); '' = WANDB_MODE, else online", default=""),
     )
     Section("eval", "Evaluation (eval/knn.py, eval/linear.py, eval/finetune.py)", config_descriptor=config).params(
         checkpoint=Param(Text(empty=False), "a pretraining checkpoint (run_dir/checkpoints/last.pt), or 'random' for a "
@@ -377,14 +378,16 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
                  explicit: set[str] | None = None) -> dict[str, dict]:
     """Parses ``argv`` (``-C file.yaml`` and ``--section.param=value``) into a nested dict.
 
-    Only the parameters of ``sections`` are accepted and returned. ``argv=None`` reads ``sys.argv``.
+    Only the parameters of ``sections`` (a section's name, or ``section.param`` for one of its
+    parameters, e.g. :data:`DATA_READING`) are accepted and returned. ``argv=None`` reads ``sys.argv``.
     ``explicit``, when given, receives the names (``section.param``) set by a file or a flag.
     Raises :class:`ConfigError` on unknown keys or invalid values; ``--help`` prints every
     parameter with its default and exits 0.
     """
     sections = tuple(sections)
     config = new_config()
-    entries = {".".join(path): param for path, param in config.entries.items() if path[0] in sections}
+    entries = {".".join(path): param for path, param in config.entries.items()
+               if path[0] in sections or ".".join(path) in sections}
 
     parser = argument_parser(description, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("-C", "--config-file", action="append", default=[], help="a YAML config file (repeatable)")
@@ -419,7 +422,7 @@ def parse_config(argv: Sequence[str] | None, description: str, sections: Iterabl
     if problems:
         raise ConfigError("; ".join(problems))
 
-    resolved: dict[str, dict] = {section: {} for section in sections}
+    resolved: dict[str, dict] = {section.split(".")[0]: {} for section in sections}
     for name in entries:
         section, key = name.split(".", 1)
         resolved[section][key] = config[name]

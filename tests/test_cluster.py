@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,14 +52,82 @@ def test_slurm_warning_signal_checkpoints_and_requeues_the_job(betons, tmp_path,
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
 
 
-def test_sbatch_templates_pass_the_warning_signal_and_requeue():
+def _caught(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (Linux: SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 200) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+
+
+def test_a_signal_during_start_up_or_after_the_last_epoch_is_a_clean_exit(betons, tmp_path):
+    """SIGTERM while the script still imports torch, while the run sets up, and after its last
+    epoch: exit 0 every time (never 143), requeued when the run is unfinished, finished otherwise."""
+    runs = {}
+    for name, epochs in (("importing", 50), ("setting_up", 50), ("after_last_epoch", 1)):  # 2 steps an epoch
+        folder = tmp_path / name
+        folder.mkdir()
+        env, record = _stand_in_scontrol(folder)
+        args = tiny_args(betons, folder / "run", "--run.knn_every=0", f"--cfg.epochs={epochs}",
+                         "--run.steps_per_epoch=2")
+        runs[name] = (start_pretraining(args, folder / "out.txt", env, wait=False), folder, record)
+    importing, setting_up, finished = (runs[name][0] for name in runs)
+    _wait_for(lambda: _caught(importing.pid, signal.SIGTERM), importing)  # the script's first lines ran
+    importing.send_signal(signal.SIGTERM)
+    _wait_for(lambda: (tmp_path / "setting_up" / "run" / ".lock").exists(), setting_up)
+    setting_up.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "epoch 1/1:" in (tmp_path / "after_last_epoch" / "out.txt").read_text(), finished)
+    finished.send_signal(signal.SIGTERM)
+    for name, (process, folder, record) in runs.items():
+        text = (folder / "out.txt").read_text()
+        assert process.wait(timeout=200) == 0, (name, text[-3000:])
+        assert "Traceback" not in text, (name, text[-3000:])
+        if name == "after_last_epoch":
+            assert (folder / "run" / "summary.json").exists() and not record.exists()
+        else:
+            assert "stopped by SIGTERM" in text or "stopped in epoch 1" in text, (name, text)
+            assert record.read_text() == "requeue 4242\n"
+    assert "stopped by SIGTERM during start-up, before the first step; nothing was trained yet" in (
+        tmp_path / "importing" / "out.txt").read_text()
+
+
+def test_sbatch_templates_signal_only_their_own_jobs_workers():
     for name in ("pretrain_1node.sbatch", "pretrain_multinode.sbatch"):
         text = (REPO / "slurm" / name).read_text()
         assert subprocess.run(["bash", "-n", str(REPO / "slurm" / name)]).returncode == 0
         assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
-        assert "trap " in text and "USR1" in text and "train/pretrain.py" in text
+        assert "trap 'slurm/signal_workers.sh USR1" in text or "srun --overlap --ntasks-per-node=1 slurm/signal_workers.sh USR1" in text
+        assert "pkill" not in text and "train/pretrain.py" in text
     multinode = (REPO / "slurm" / "pretrain_multinode.sbatch").read_text()
     assert "--rdzv-backend=c10d" in multinode and "--nnodes=" in multinode and "srun --overlap" in multinode
+    # signal_workers.sh reaches this job's torchrun workers, neither torchrun nor another job's workers
+    waiter = "trap 'echo got > \"$MARK\"; exit 0' USR1; while :; do sleep 0.05; done"
+    processes = {}
+    for name, job, local_rank in (("worker", "4242", "0"), ("launcher", "4242", None), ("other_job", "77", "0")):
+        env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "MARK": f"/tmp/signal_workers_{os.getpid()}_{name}"}
+        if local_rank is not None:
+            env["LOCAL_RANK"] = local_rank
+        Path(env["MARK"]).unlink(missing_ok=True)
+        processes[name] = (subprocess.Popen(["bash", "-c", waiter], env=env), Path(env["MARK"]))
+    time.sleep(0.3)  # the traps are set
+    try:
+        result = subprocess.run([str(REPO / "slurm" / "signal_workers.sh"), "USR1"], capture_output=True, text=True,
+                                env={**os.environ, "SLURM_JOB_ID": "4242"}, timeout=60)
+        assert result.returncode == 0 and "sent SIGUSR1 to 1 training process(es) of job 4242" in result.stderr
+        assert processes["worker"][0].wait(timeout=10) == 0 and processes["worker"][1].read_text() == "got\n"
+        time.sleep(0.2)
+        assert processes["launcher"][0].poll() is None and processes["other_job"][0].poll() is None
+    finally:
+        for process, mark in processes.values():
+            process.kill()
+            process.wait()
+            mark.unlink(missing_ok=True)
 
 
 def _free_port() -> int:

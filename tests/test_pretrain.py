@@ -50,7 +50,12 @@ def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2 * (96 // 16)
     assert not any(key.startswith("_orig_mod") for key in checkpoint["model"])
-    assert (run_dir / "config.yaml").read_text().count("test_resnet") == 1
+    config_text = (run_dir / "config.yaml").read_text()
+    assert config_text.count("test_resnet") == 1
+    # what the data really was, from the betons; no conversion-only data.* defaults (cifar10) of write_beton.py
+    assert "dataset:" not in config_text and "cifar10" not in config_text
+    assert f"#   train: {betons['train']}: dataset train, 96 images, 16x16 px, 10 classes" in config_text
+    assert f"#   test: {betons['test']}: dataset test, 48 images, 16x16 px, 10 classes" in config_text
     backbone = apply_cifar_stem(timm.create_model("test_resnet", pretrained=False, num_classes=0))
     backbone.load_state_dict(torch.load(run_dir / "backbone.pt", weights_only=True))
     for name, tensor in backbone.state_dict().items():
@@ -127,6 +132,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(betons, tmp_path):
     assert f"resuming {tmp_path / 'run' / 'checkpoints' / 'last.pt'} at epoch 1, step {int(stopped.group(1)) + 1}" in resumed_out
     resumed, straight_log = read_log(tmp_path / "run"), read_log(tmp_path / "straight")
     assert resumed[0]["loss"] == pytest.approx(straight_log[0]["loss"], rel=1e-6, abs=1e-7)
+    # the online probe's counts of the steps before the stop were carried in the mid-epoch checkpoint
+    assert resumed[0]["probe_train_top1"] == straight_log[0]["probe_train_top1"]
     for name, tensor in _weights(tmp_path / "straight").items():
         torch.testing.assert_close(_weights(tmp_path / "run")[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -190,13 +197,14 @@ def test_collapse_is_flagged_without_entropy_and_rank(betons, tmp_path):
     ("--cfg.rank_bias=2", "--cfg.rank_bias='2' is invalid: expected 0 or 1"),
     ("--cfg.rank_variant=trace", "cfg.rank_variant='trace' is invalid"),
     ("--cfg.arch=resnet_of_dreams", "not a timm model"),
+    ("--cfg.arch=vit_tiny_patch16_224", "cfg.arch='vit_tiny_patch16_224' cannot take 16-px images (Input height (16)"),
     ("--data.train_beton=/nonexistent/x.beton", "beton not found"),
     ("--run.device=tpu", "run.device='tpu' is invalid"),
 ])
 def test_bad_configs_fail_before_any_work(betons, tmp_path, capsys, flag, message):
     assert run_cli(pretrain_main, tiny_args(betons, tmp_path / "run", flag)) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
@@ -251,6 +259,21 @@ def test_unknown_yaml_key_and_dry_run(betons, tmp_path, capsys):
     config = pretrain_main(["-C", str(REPO / "configs" / "demo.yaml"), "--cfg.K=10", "--run.dry_run=1"])
     out = capsys.readouterr().out
     assert config["cfg"]["K"] == 10 and "K: 10" in out and "synthetic_train.beton" in out
+    assert set(config["data"]) == {"train_beton", "test_beton", "num_workers"}  # write_beton.py's keys do nothing here
+    with pytest.raises(SystemExit):
+        pretrain_main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--data.train_beton" in help_text and "--data.dataset" not in help_text and "--data.shots" not in help_text
+
+
+def test_a_run_already_past_fewer_epochs_says_it_is_complete(betons, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
+    capsys.readouterr()
+    summary = pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.epochs=1"))
+    out = capsys.readouterr().out
+    assert f"{run_dir} is already complete (1/1 epochs)" in out and "training epochs" not in out
+    assert summary["epochs_done"] == 1 and summary["steps"] == 6 and (run_dir / "backbone.pt").exists()
 
 
 def test_incompatible_checkpoint_is_refused_and_k_change_allowed(betons, tmp_path, capsys):

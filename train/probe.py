@@ -52,8 +52,13 @@ class OnlineProbe(nn.Module):
         return (self.head(features.float()).argmax(1) == labels).float().mean().item()
 
     def state(self) -> dict:
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """The head, its optimiser and the epoch's counts so far (a mid-epoch checkpoint carries them on)."""
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "correct": None if self.correct is None else int(self.correct.item()), "seen": self.seen}
 
     def load(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
+        correct = state.get("correct")  # absent in older checkpoints
+        self.correct = None if correct is None else torch.tensor(correct, device=self.head.weight.device)
+        self.seen = int(state.get("seen", 0))

@@ -36,9 +36,6 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -60,13 +57,13 @@ from measure.features import embed_images, feature_batch
 from measure.health import health, held_out_images
 from measure.monitor import KnnMonitor
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
-from train.cluster import requeue, slurm_job_id
+from train.cluster import StopFlag, requeue, slurm_job_id
 from train.loss import simmer_loss
 from train.methods import get_method
 from train.model import build_encoder_from_cfg
 from train.probe import OnlineProbe
 from train.rundir import RunDir
-from train.tracking import Tracker, parse_loggers, views_grid
+from train.tracking import Tracker, check_wandb_login, parse_loggers, views_grid
 
 LOSS_NAMES = get_method("simmer").log_names  # ("loss", "tv", "entropy", "rank"); other methods: TrainStep.loss_names
 LOSS_FORMATS = {"entropy": ".3f", "rank": ".1f"}  # how the progress bar and the epoch line print a part (else .4f)
@@ -78,31 +75,40 @@ class TrainingDiverged(UserError):
 
 
 # ------------------------------------------------------------------ the run, in the order it goes
-def pretrain(config: dict) -> dict:
+def pretrain(config: dict, stop: StopFlag | None = None) -> dict:
     """Runs (or resumes) pretraining as ``config`` says; returns the final summary.
 
     ``config`` is the nested dict of :func:`core.config.parse_config` with sections ``cfg``,
-    ``data`` and ``run``. Raises :class:`~core.config.UserError` subclasses on bad input.
+    ``data`` and ``run``. ``stop`` is the signal flag that ``train/pretrain.py`` installed before
+    its imports; without one, the first thing done here is to install one, so that a signal during
+    start-up stops the run cleanly before its first step. Raises :class:`~core.config.UserError`
+    subclasses on bad input.
     """
-    validate_config(config)
-    rank, world, device = _init_distributed(config["run"]["device"])
-    files = RunDir(config["run"]["dir"])
-    with files.locked() if rank == 0 else nullcontext():  # one run at a time in a run directory
-        if rank == 0 and (stale := files.prepare()):
-            print(f"removed {stale} temporary file(s) of an interrupted checkpoint write in {files.path}", flush=True)
-        resume = load_checkpoint(files.last_checkpoint) if files.last_checkpoint.exists() else None
-        if resume is not None:
-            check_compatible(resume, config, files.last_checkpoint)
-        summary = _completed(config, resume, rank == 0, world)
-        if summary is not None:
-            return summary
-        state = _setup(config, rank, world, device, resume)
-        del resume
-        try:
-            return _train(state)
-        finally:  # also on an error: no checkpoint write is left half done, the loggers are flushed
-            state.writer.wait(raise_error=False)
-            state.tracker.close()
+    with StopFlag() if stop is None else nullcontext(stop) as stop:
+        validate_config(config)
+        rank, world, device = _init_distributed(config["run"]["device"])
+        files = RunDir(config["run"]["dir"])
+        with files.locked() if rank == 0 else nullcontext():  # one run at a time in a run directory
+            if rank == 0 and (stale := files.prepare()):
+                print(f"removed {stale} temporary file(s) of an interrupted checkpoint write in {files.path}", flush=True)
+            resume = load_checkpoint(files.last_checkpoint) if files.last_checkpoint.exists() else None
+            if resume is not None:
+                check_compatible(resume, config, files.last_checkpoint)
+            summary = _completed(config, resume, rank == 0, world)
+            if summary is not None:
+                return summary
+            if stop.requested:  # a signal during start-up: nothing trained, nothing to save
+                return _stopped_before_training(config, resume, stop, rank == 0)
+            tracker = _start_tracker(config, rank, resume)  # before config.yaml: a failed start leaves no files
+            state = None
+            try:
+                state = _setup(config, rank, world, device, resume, tracker)
+                del resume
+                return _train(state, stop)
+            finally:  # also on an error: no checkpoint write is left half done, the loggers are flushed
+                if state is not None:
+                    state.writer.wait(raise_error=False)
+                tracker.close()
 
 
 def validate_config(config: dict, check_files: bool = True) -> None:
@@ -114,7 +120,8 @@ def validate_config(config: dict, check_files: bool = True) -> None:
     import timm
 
     cfg, run = config["cfg"], config["run"]
-    parse_loggers(run["logger"])
+    if "wandb" in parse_loggers(run["logger"]):
+        check_wandb_login(run["wandb_mode"])
     problems = []
     if not timm.is_model(cfg["arch"]):
         problems.append(f"cfg.arch={cfg['arch']!r} is not a timm model (e.g. resnet18, resnet50)")
@@ -133,6 +140,24 @@ def validate_config(config: dict, check_files: bool = True) -> None:
             inspect_beton(config["data"]["test_beton"])
         if cfg["image_size"] == 0 and train_info.fixed_size is None:
             raise ConfigError(f"{train_info.path} holds images of several sizes: set cfg.image_size")
+        _check_encoder_takes(cfg, cfg["image_size"] or train_info.fixed_size[0])
+    elif cfg["image_size"]:
+        _check_encoder_takes(cfg, cfg["image_size"])
+
+
+def _check_encoder_takes(cfg: dict, image_size: int) -> None:
+    """Raises :class:`ConfigError` when ``cfg.arch`` cannot take ``image_size``-px images (e.g. a ViT
+    made for 224 px on 32-px data): the encoder built and run on the meta device (no memory, no time)."""
+    try:
+        with torch.device("meta"):
+            encoder = build_encoder_from_cfg(cfg, image_size).eval()
+            encoder.backbone(torch.empty(2, 3, image_size, image_size))  # the projector sees only its width
+    except NotImplementedError:  # an operator without a meta kernel: the first step will tell
+        return
+    except (AssertionError, RuntimeError, ValueError, TypeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cfg.arch={cfg['arch']!r} cannot take {image_size}-px images ({detail}); set "
+                          "cfg.image_size to a size it takes, or pick another arch") from None
 
 
 def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -160,7 +185,50 @@ def _completed(config: dict, resume: dict | None, is_main: bool, world: int) -> 
     return json.loads(summary_path.read_text())
 
 
-def _setup(config: dict, rank: int, world: int, device: torch.device, resume: dict | None) -> _LoopState:
+def _stopped_before_training(config: dict, resume: dict | None, stop: StopFlag, is_main: bool) -> dict:
+    """A signal arrived before the first step: exit cleanly, requeue under SLURM (not for Ctrl-C)."""
+    where = f"the checkpoint {RunDir(config['run']['dir']).last_checkpoint} is unchanged" if resume else "nothing was trained yet"
+    summary = {"run_dir": config["run"]["dir"], "epochs_done": resume["epoch"] if resume else 0,
+               "steps": resume["step"] if resume else 0, "interrupted": True}
+    if is_main:
+        print(f"stopped by {stop.signal_name} during start-up, before the first step; {where}. "
+              "Re-run the same command to resume.", flush=True)
+        if not stop.by_user and (job := slurm_job_id()):
+            summary["requeued"] = requeue(job)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _start_tracker(config: dict, rank: int, resume: dict | None) -> Tracker:
+    """The loggers of ``run.logger`` (rank 0 only), told the config and the betons read."""
+    run = config["run"]
+    return Tracker(RunDir(run["dir"]).path, parse_loggers(run["logger"]) if rank == 0 else (), config,
+                   betons=describe_betons(config["data"]) if rank == 0 else None,
+                   resume_step=None if resume is None else resume["step"],
+                   wandb_id=None if resume is None else resume.get("wandb_id"),
+                   wandb_project=run["wandb_project"], wandb_mode=run["wandb_mode"])
+
+
+def describe_betons(data: dict) -> dict:
+    """What the run's betons really hold (:func:`~data_prep.loader.inspect_beton`): for ``train``
+    and ``test`` (when it exists), the path, the dataset name that ``write_beton.py`` put in the
+    file name (``cifar10`` for ``cifar10_train.beton``), the images, their side(s) and the classes."""
+    record = {}
+    for split in ("train", "test"):
+        path = Path(data[f"{split}_beton"])
+        if split == "test" and not path.is_file():
+            continue
+        info = inspect_beton(path)
+        sizes = sorted({f"{h}x{w}" for h, w in info.image_sizes})
+        record[split] = {"path": str(path.absolute()), "dataset": path.stem.removesuffix(f"_{split}"),
+                         "images": info.num_samples, "resolution": sizes[0] if len(sizes) == 1 else "mixed",
+                         "classes": info.num_classes}
+    return record
+
+
+def _setup(config: dict, rank: int, world: int, device: torch.device, resume: dict | None,
+           tracker: Tracker) -> _LoopState:
     """Builds the loaders and the training parts, restores ``resume``, and prepares the run directory."""
     cfg, data, run = config["cfg"], config["data"], config["run"]
     _seed_everything(cfg["seed"])
@@ -198,13 +266,20 @@ def _setup(config: dict, rank: int, world: int, device: torch.device, resume: di
         history = [line for line in read_jsonl(state.files.log) if line["epoch"] <= state.start_epoch]
         state.last_knn = next((line["knn_top1"] for line in reversed(history) if "knn_top1" in line), None)
         state.peak_rank = max((line.get("zbar_effective_rank", 0.0) for line in history), default=0.0)
-        atomic_write(state.files.config, lambda handle: yaml.safe_dump(config, handle, sort_keys=False), binary=False)
+        atomic_write(state.files.config, lambda handle: _write_config(handle, config, tracker.betons), binary=False)
         write_jsonl(state.files.log, history)
-    state.tracker = Tracker(state.files.path, parse_loggers(run["logger"]) if state.is_main else (), config,
-                            resume_step=None if resume is None else state.step,
-                            wandb_id=None if resume is None else resume.get("wandb_id"),
-                            wandb_project=run["wandb_project"], wandb_mode=run["wandb_mode"])
+    state.tracker = tracker
     return state
+
+
+def _write_config(handle, config: dict, betons: dict | None) -> None:
+    """config.yaml: the resolved config (``-C`` reads it back), then what the betons held, as comments."""
+    yaml.safe_dump(config, handle, sort_keys=False)
+    if betons:
+        handle.write("# the betons this run read (data_prep/inspect_beton.py):\n")
+        for split, info in betons.items():
+            handle.write(f"#   {split}: {info['path']}: dataset {info['dataset']}, {info['images']} images, "
+                         f"{info['resolution']} px, {info['classes'] or 'no'} classes\n")
 
 
 def _seed_everything(seed: int) -> None:
@@ -411,53 +486,50 @@ class _LoopState:
                 "probe": None if training.train_step.probe is None else training.train_step.probe.state()}
 
 
-def _train(state: _LoopState) -> dict:
-    """The epochs from ``state.start_epoch`` on, until the end, a signal or ``run.stop_after_epochs``."""
-    with _StopFlag() as stop:
-        if state.tracker.active and state.step == 0:
-            _log_views(state)
-        if state.is_main:  # from here on, SIGTERM / Ctrl-C checkpoint and exit 0
-            print(f"training epochs {state.start_epoch + 1}-{state.cfg['epochs']} of {state.steps_per_epoch} steps "
-                  f"on {state.device} ({state.world} process{'es' if state.world > 1 else ''})", flush=True)
-        for epoch in range(state.start_epoch, state.cfg["epochs"]):
-            result = _run_epoch(state, epoch, stop)
-            if result.stopped:
-                _save_mid_epoch(state, epoch, result)
-                break
-            if _end_epoch(state, epoch, result):
-                break
+def _train(state: _LoopState, stop: StopFlag) -> dict:
+    """The epochs from ``state.start_epoch`` on, until the end, a signal or ``run.stop_after_epochs``.
+
+    A signal (``stop``, installed before start-up) stops the run at its next step, or before the
+    next epoch when it came between epochs; one after the last epoch changes nothing.
+    """
+    epochs = state.cfg["epochs"]
+    if state.tracker.active and state.step == 0:
+        _log_views(state)
+    if state.is_main and state.start_epoch >= epochs:  # a checkpoint at (or past) the end: finish it
+        print(f"{state.files.path} is already complete ({state.start_epoch}/{epochs} epochs); writing its backbone "
+              "and summary. Raise cfg.epochs to train further, or use another run.dir.", flush=True)
+    elif state.is_main:
+        print(f"training epochs {state.start_epoch + 1}-{epochs} of {state.steps_per_epoch} steps "
+              f"on {state.device} ({state.world} process{'es' if state.world > 1 else ''})", flush=True)
+    for epoch in range(state.start_epoch, epochs):
+        if _agreed(state, stop.requested):  # a signal before this epoch's first step (or before the loop)
+            state.interrupted = True
+            if state.is_main:
+                held = (f"the checkpoint {state.checkpoint_path} holds epoch {epoch}"
+                        if epoch or state.checkpoint_path.exists() else "nothing was trained yet")
+                print(f"stopped by {stop.signal_name} before epoch {epoch + 1}; {held}. "
+                      "Re-run the same command to resume.", flush=True)
+            break
+        result = _run_epoch(state, epoch, stop)
+        if result.stopped:
+            _save_mid_epoch(state, epoch, result)
+            break
+        if _end_epoch(state, epoch, result):
+            break
     summary = _finish(state)
     job = slurm_job_id()
-    if stop.requested and not stop.by_user and state.is_main and job:
+    if state.interrupted and stop.requested and not stop.by_user and state.is_main and job:
         summary["requeued"] = requeue(job)
     return summary
 
 
-class _StopFlag:
-    """SIGTERM, SIGINT and SIGUSR1 (a cluster's warning signal) set a flag; the loop finishes its
-    step, checkpoints and returns."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.by_user = False  # Ctrl-C: never requeue
-        self._previous = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        self.by_user = self.by_user or signum == signal.SIGINT
-        print(f"\nreceived {signal.Signals(signum).name}: finishing the step and saving a checkpoint", file=sys.stderr)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _agreed(state: _LoopState, flag: bool) -> bool:
+    """``flag`` of any rank (one collective under torchrun)."""
+    if state.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=state.device)
+    torch.distributed.all_reduce(value)
+    return bool(value.item())
 
 
 def _log_views(state: _LoopState) -> None:
@@ -471,7 +543,7 @@ def _log_views(state: _LoopState) -> None:
     batches.close()
 
 
-def _run_epoch(state: _LoopState, epoch: int, stop: _StopFlag) -> _Epoch:
+def _run_epoch(state: _LoopState, epoch: int, stop: StopFlag) -> _Epoch:
     """One pass over the loader (from ``state.skip_batches`` on): the steps, synced every ``run.log_every``."""
     state.loader.set_epoch(epoch)
     state.training.encoder.train()
@@ -609,7 +681,10 @@ def _end_epoch(state: _LoopState, epoch: int, result: _Epoch) -> bool:
     if state.is_main:
         append_jsonl(state.files.log, line)
         state.tracker.scalars({f"epoch/{key}": float(value) for key, value in line.items()
-                               if key not in ("epoch", "step")}, state.step)
+                               if key not in ("epoch", "step", "collapsed", "health_images")}, state.step)
+        if line.get("collapsed"):  # a flag, not a curve
+            state.tracker.text("epoch/collapsed", f"epoch {epoch + 1}: the representation looks collapsed (effective "
+                               f"rank {line['zbar_effective_rank']:.2f}, std {line['zbar_std']:.2e})", state.step)
         state.writer.save(state.checkpoint_path, state.checkpoint(epoch + 1), background=not stop_here)
         if run["save_every"] and (epoch + 1) % run["save_every"] == 0:
             state.writer.save(state.files.checkpoints / f"epoch_{epoch + 1}.pt", state.checkpoint(epoch + 1))
