@@ -1,4 +1,5 @@
-"""Clusters: SLURM preemption requeues the job; a two-node torchrun (c10d rendezvous) trains."""
+"""Clusters and signals: every way a run is stopped ends in a checkpoint and a clean exit (SLURM
+preemption requeues the job, the run directory's lock holds); a two-node torchrun (c10d rendezvous) trains."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,24 +34,87 @@ def _stand_in_scontrol(folder: Path) -> tuple[dict[str, str], Path]:
     return env, record
 
 
-@pytest.mark.parametrize("signum, requeued", [(signal.SIGUSR1, True), (signal.SIGINT, False)])
-def test_slurm_warning_signal_checkpoints_and_requeues_the_job(betons, tmp_path, signum, requeued):
-    env, record = _stand_in_scontrol(tmp_path)
-    args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=50")
-    out = tmp_path / "out.txt"
-    process = start_pretraining(args, out, env)
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _stop(name: str, process: subprocess.Popen, run_dir: Path, delay: float, signum: int, args: list[str],
+          env: dict[str, str]) -> tuple[int, dict]:
+    """Signals a training run ``delay`` s after it said it trains; the busy-directory run first checks
+    that a second run on its directory is refused while it trains. Returns the exit code and findings."""
+    found = {}
+    if name == "busy":
+        second = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), *args, "--cfg.lr=0.01"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+        found["second"] = (second.returncode, second.stderr.strip(), process.poll())
+    if signum == signal.SIGKILL:  # once an epoch is logged: the kernel releases the lock
+        _wait_for(lambda: (run_dir / "log.jsonl").exists() and (run_dir / "log.jsonl").read_text(), process)
+    time.sleep(delay)  # land in different places of the step and of ffcv's pipeline
     process.send_signal(signum)
-    assert process.wait(timeout=200) == 0, out.read_text()
-    text = out.read_text()
-    assert "stopped in epoch" in text and "checkpoint saved" in text
-    if requeued:
-        assert record.read_text() == "requeue 4242\n"
-        assert "requeued SLURM job 4242" in text
-    else:
-        assert not record.exists()  # Ctrl-C is the user's: never requeued
-    resumed = subprocess.run([sys.executable, str(REPO / "train" / "pretrain.py"), *args, "--run.stop_after_epochs=1"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    return process.wait(timeout=300), found
+
+
+def test_signals_mid_run_checkpoint_and_exit_cleanly_and_the_run_dir_lock_holds(betons, tmp_path):
+    """Six runs in parallel, each stopped another way at another moment of its step:
+
+    SIGTERM (twice), SIGUSR1 under SLURM (checkpoint, requeue, the resume continues), Ctrl-C under
+    SLURM (never requeued: the user's), SIGTERM to a run whose directory a second run tried to take
+    (refused at once, naming the pid; the first run unaffected), and SIGKILL (nothing written; the
+    kernel frees the lock, so a restart resumes). Every signalled run exits 0 with its checkpoint;
+    none aborts at teardown (no "terminate called" from ffcv's threads).
+    """
+    cases = {  # name: (signal, delay after "training epochs", under the SLURM stand-in)
+        "term": (signal.SIGTERM, 0.0, False), "usr1": (signal.SIGUSR1, 0.05, True),
+        "int": (signal.SIGINT, 0.1, True), "term_late": (signal.SIGTERM, 0.15, False),
+        "busy": (signal.SIGTERM, 0.2, False), "kill": (signal.SIGKILL, 0.0, False),
+    }
+    runs = {}
+    for name, (signum, delay, slurm) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        env, record = _stand_in_scontrol(folder)
+        if not slurm:
+            env.pop("SLURM_JOB_ID")
+        args = tiny_args(betons, folder / "run", "--run.knn_every=0", "--cfg.epochs=500")
+        process = start_pretraining(args, folder / "out.txt", env, wait=False)
+        runs[name] = (process, folder, record, args, env)
+    for name, (process, folder, *_rest) in runs.items():
+        _wait_for(lambda folder=folder: "training epochs" in (folder / "out.txt").read_text(), process, timeout=300)
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        futures = {name: pool.submit(_stop, name, process, folder / "run", cases[name][1], cases[name][0], args, env)
+                   for name, (process, folder, record, args, env) in runs.items()}
+        outcomes = {name: future.result() for name, future in futures.items()}
+
+    for name, (code, found) in outcomes.items():
+        process, folder, record, args, env = runs[name]
+        text = (folder / "out.txt").read_text()
+        assert "terminate called" not in text and "Traceback" not in text, (name, text[-3000:])
+        if name == "kill":
+            assert code == -signal.SIGKILL
+            continue
+        assert code == 0 and "stopped in epoch" in text and "checkpoint saved" in text, (name, code, text[-3000:])
+        epochs = [line["epoch"] for line in _log(folder / "run")]
+        assert epochs == list(range(1, len(epochs) + 1)), name  # each epoch once, from one run
+        if name == "usr1":
+            assert record.read_text() == "requeue 4242\n" and "requeued SLURM job 4242" in text
+        else:
+            assert not record.exists(), name  # no SLURM job, or Ctrl-C: the user's, never requeued
+
+    run_dir = tmp_path / "busy" / "run"
+    second_code, second_err, first_state = outcomes["busy"][1]["second"]
+    assert first_state is None  # the first run was still training when the second one gave up
+    assert second_code == 2 and second_err == (f"error: {run_dir} is in use by another run (pid {runs['busy'][0].pid}); "
+                                               "wait for it to finish, stop it, or use another --run.dir")
+    assert "lr: 0.01" not in (run_dir / "config.yaml").read_text()
+
+    from train.pretrain import main as pretrain_main
+
+    for name in ("usr1", "kill"):  # the requeued job's next start, and the restart after SIGKILL
+        args = runs[name][3]
+        summary = pretrain_main([*args, "--run.stop_after_epochs=1", "--run.progress=0"])
+        assert summary["interrupted"] and summary["epochs_done"] >= 1, name  # not blocked by a dead run's lock
+        epochs = [line["epoch"] for line in _log(tmp_path / name / "run")]
+        assert epochs == list(range(1, summary["epochs_done"] + 1)), name
 
 
 def _caught(pid: int, signum: int) -> bool:
