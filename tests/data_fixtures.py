@@ -162,3 +162,20 @@ def start_pretraining(args: list[str], out: Path, env: dict[str, str] | None = N
         assert process.poll() is None and time.time() < deadline, out.read_text()
         time.sleep(0.05)
     return process
+
+
+TRAIN_TAGS = ("train/loss", "train/tv", "train/entropy", "train/rank", "train/lr", "train/images_per_s")
+
+
+def events(run_dir: Path):
+    """The run's TensorBoard events, every record kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
+                                                                                 "histograms": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def steps(events, tag: str) -> list[int]:
+    return [event.step for event in events.Scalars(tag)]

@@ -225,7 +225,7 @@ def _single_process_epoch(betons: dict[str, Path], args: list[str], world: int) 
     images = torch.cat([batch.images.clone() for batch in every])
     size, shard = images.shape[-1], cfg["batch_size"] // world
     _seed_everything(cfg["seed"])
-    parts = build_training(cfg, config["run"], torch.device("cpu"), size)
+    training = build_training(cfg, config["run"], torch.device("cpu"), size)
     streams = [torch.get_rng_state()] + [torch.manual_seed(cfg["seed"] + rank).get_state() for rank in range(1, world)]
     orders = []
     for rank in range(world):
@@ -241,15 +241,15 @@ def _single_process_epoch(betons: dict[str, Path], args: list[str], world: int) 
         for rank in range(world):
             torch.set_rng_state(streams[rank])
             batch = images[orders[rank][step * shard:(step + 1) * shard]]
-            z.append(parts.train_step.forward(parts.train_step.views(batch)))
+            z.append(training.train_step.forward(training.train_step.views(batch)))
             streams[rank] = torch.get_rng_state()
-        for group in parts.optimizer.param_groups:
+        for group in training.optimizer.param_groups:
             group["lr"] = lr_at(step, steps * cfg["epochs"], peak)
-        loss, terms = parts.train_step.loss(torch.cat(z, dim=1))
-        parts.train_step.backward(loss)
-        parts.train_step.optimise()
+        loss, terms = training.train_step.loss(torch.cat(z, dim=1))
+        training.train_step.backward(loss)
+        training.train_step.optimise()
         values.append([loss.item(), terms["tv"].item(), terms["entropy"].item(), terms["rank"].item()])
-    return values, {name: weight.detach() for name, weight in parts.encoder.named_parameters()}
+    return values, {name: weight.detach() for name, weight in training.encoder.named_parameters()}
 
 
 def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path):
@@ -268,8 +268,8 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
                                            "del functional.all_gather_single\n")
     env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=0", "--run.probe=0",
-                     "--run.logger=none")
+    args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=1", "--run.probe=0",
+                     "--run.logger=none")  # the kNN monitor runs on rank 0 while rank 1 waits
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                                "--rdzv-id=two-nodes", str(REPO / "train" / "pretrain.py"), *args],
@@ -279,6 +279,7 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["step"] == 96 // 16  # the global batch of 16 split over the two nodes
+    assert "knn_top1" in log[0] and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt"]
     assert "(2 processes)" in outputs[0] + outputs[1]
     torch.set_num_threads(1)
     values, weights = _single_process_epoch(betons, args, world=2)

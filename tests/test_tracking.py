@@ -1,65 +1,18 @@
-"""Live tracking: TensorBoard event files read back after runs, signals and resumes; W&B offline."""
-from __future__ import annotations
+"""Live tracking: TensorBoard event files read back after runs, kills and resumes; W&B offline.
 
-import signal
-from pathlib import Path
+A SIGTERM and its resume logging every step once: tests/test_pretrain.py (with the resume's exactness)."""
+from __future__ import annotations
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.config import run_cli
-from data_fixtures import start_pretraining, tiny_args
+from data_fixtures import events as _events
+from data_fixtures import steps as _steps
+from data_fixtures import tiny_args
 from train.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.timeout(300)
-TRAIN_TAGS = ("train/loss", "train/tv", "train/entropy", "train/rank", "train/lr", "train/images_per_s")
-
-
-def _events(run_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
-                                                                                 "histograms": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def _steps(events: EventAccumulator, tag: str) -> list[int]:
-    return [event.step for event in events.Scalars(tag)]
-
-
-def test_every_step_logged_once_across_a_sigterm_and_a_resume(betons, tmp_path):
-    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
-    args = tiny_args(betons, run_dir, "--run.knn_every=2", "--run.log_every=1")  # 2 epochs of 6 steps
-    process = start_pretraining(args, out)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=200) == 0, out.read_text()
-    assert "stopped in epoch" in out.read_text()
-    pretrain_main(args)
-    events = _events(run_dir)
-    for tag in TRAIN_TAGS:
-        assert _steps(events, tag) == list(range(1, 13)), tag
-    assert _steps(events, "epoch/loss") == [6, 12]
-    assert _steps(events, "epoch/knn_top1") == [12]
-    assert {"epoch/zbar_effective_rank", "epoch/epoch_seconds", "epoch/images_per_s"} <= set(events.Tags()["scalars"])
-    assert events.Tags()["histograms"] == ["epoch/zbar_singular_values"]
-    assert not {"epoch/collapsed", "epoch/health_images"} & set(events.Tags()["scalars"])  # flags are not curves
-    # the hyperparameters (hparams plugin, the accuracy curves as its metrics) and the config as text
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    hparams = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
-    assert start.hparams["cfg.K"].number_value == 2 and start.hparams["cfg.arch"].string_value == "test_resnet"
-    assert start.hparams["betons.train.images"].number_value == 96
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert "epoch/knn_top1" in [info.name.tag for info in experiment.metric_infos]
-    config_text = events.Tensors("config/text_summary")
-    assert len(config_text) == 2 and config_text[0].step == 0 < config_text[1].step  # the fresh start, the resume
-    assert "arch: test_resnet" in config_text[-1].tensor_proto.string_val[0].decode()
-    assert [image.step for image in events.Images("views")] == [0]  # once, at the start of the run
-    views = events.Images("views")[0]
-    assert views.width == 8 * 17 + 1 and views.height == 3 * 17 + 1  # 8 images above their K=2 views, 16 px
-
-
 def test_events_a_killed_run_wrote_after_its_checkpoint_are_dropped(betons, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
