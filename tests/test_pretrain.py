@@ -180,7 +180,7 @@ def test_health_figures_come_from_the_held_out_images_in_eval_mode(betons, tmp_p
     from measure.health import health, held_out_images
 
     args = tiny_args(betons, tmp_path / "run", "--run.knn_every=0", "--cfg.epochs=1", "--run.logger=none",
-                     "--cfg.proj_dim=64", "--run.health_images=40", "--cfg.batch_size=4")
+                     "--cfg.proj_dim=64", "--run.health_images=40", "--cfg.batch_size=4", "--run.steps_per_epoch=4")
     pretrain_main(args)
     line = read_log(tmp_path / "run")[-1]
     config = parse_config(args, "", ("cfg", "data", "run"))
@@ -195,7 +195,7 @@ def test_health_figures_come_from_the_held_out_images_in_eval_mode(betons, tmp_p
         assert line[key] == pytest.approx(expected[key], rel=1e-4), key
     assert line["zbar_effective_rank"] > 4  # more than a batch of 4 can show
     pretrain_main(tiny_args(betons, tmp_path / "batch", "--run.knn_every=0", "--cfg.epochs=1", "--run.logger=none",
-                            "--cfg.proj_dim=64", "--run.health_images=0", "--cfg.batch_size=4"))
+                            "--cfg.proj_dim=64", "--run.health_images=0", "--cfg.batch_size=4", "--run.steps_per_epoch=4"))
     old_style = read_log(tmp_path / "batch")[-1]
     assert "health_images" not in old_style and old_style["zbar_effective_rank"] <= 4
 

@@ -41,8 +41,9 @@ def test_probe_gradients_never_reach_the_features():
 
 
 def test_pretraining_is_the_same_with_and_without_the_probe(betons, tmp_path):
-    with_probe = pretrain_main(tiny_args(betons, tmp_path / "probe", "--run.knn_every=2"))
-    without = pretrain_main(tiny_args(betons, tmp_path / "plain", "--run.knn_every=2", "--run.probe=0"))
+    with_probe = pretrain_main(tiny_args(betons, tmp_path / "probe", "--run.knn_every=2", "--run.steps_per_epoch=3"))
+    without = pretrain_main(tiny_args(betons, tmp_path / "plain", "--run.knn_every=2", "--run.probe=0",
+                                      "--run.steps_per_epoch=3"))
     probed, plain = _log(tmp_path / "probe"), _log(tmp_path / "plain")
     for a, b in zip(probed, plain, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
