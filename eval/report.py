@@ -2,7 +2,8 @@
 
 Writes into ``RUN_DIR/report/``:
 
-* ``losses.png``: the loss and its three parts (total variance, entropy, rank) per epoch;
+* ``losses.png``: the loss and its parts per epoch (SimMER: total variance, entropy, rank; a
+  baseline of ``cfg.method``: its own parts);
 * ``knn.png``: kNN top-1 accuracy per epoch (and a random encoder's, when ``--baseline`` has it);
 * ``lr_throughput.png``: learning rate and images/s per epoch;
 * ``health.png``: per-dimension std, effective rank and nearest-neighbour distance of the held-out
@@ -78,11 +79,24 @@ def _series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _method_of(log: list[dict]):
+    """The method whose loss parts the log's lines hold (SimMER when none matches)."""
+    from train.methods import METHODS, get_method
+
+    keys = set().union(*log) if log else set()
+    return next((get_method(name) for name in METHODS if set(get_method(name).parts) <= keys), get_method("simmer"))
+
+
 def plot_losses(log: list[dict], out: Path) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    titles = {"loss": "total loss  L = L_TV + α_H L_H + α_R L_R", "tv": "total variance L_TV",
-              "entropy": "entropy term L_H", "rank": "rank term L_R"}
+    method = _method_of(log)
+    titles = {name: name for name in method.log_names}
+    if method.name == "simmer":
+        titles = {"loss": "total loss  L = L_TV + α_H L_H + α_R L_R", "tv": "total variance L_TV",
+                  "entropy": "entropy term L_H", "rank": "rank term L_R"}
+    for axis in axes.flat[len(titles):]:
+        axis.set_visible(False)
     for axis, (key, title) in zip(axes.flat, titles.items()):
         axis.plot(*_series(log, key), marker="o", markersize=3)
         axis.set_title(title)
@@ -90,7 +104,7 @@ def plot_losses(log: list[dict], out: Path) -> None:
         axis.grid(alpha=0.3)
     for axis in axes[1]:
         axis.set_xlabel("epoch")
-    figure.suptitle("SimMER pretraining loss per epoch (mean over steps)")
+    figure.suptitle(f"{'SimMER' if method.name == 'simmer' else method.name} pretraining loss per epoch (mean over steps)")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)

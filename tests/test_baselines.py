@@ -318,3 +318,14 @@ def test_simsiam_resume_restores_the_predictor_and_evaluation_ignores_it(betons,
     assert 0.0 <= results["top1"] <= 1.0
     exported = read_run(resumed)
     assert set(exported.backbone.state_dict()) == {k.removeprefix("backbone.") for k in weights if k.startswith("backbone.")}
+
+
+def test_the_report_plots_each_methods_own_parts(runs, tmp_path):
+    from eval.report import _method_of, plot_losses
+
+    for method in BASELINES:
+        log = _log(runs[method])
+        assert _method_of(log).name == method
+        plot_losses(log, tmp_path / f"{method}.png")
+        assert (tmp_path / f"{method}.png").stat().st_size > 0
+    assert _method_of([{"epoch": 1, "loss": 1.0, "tv": 1.0, "entropy": 0.0, "rank": -1.0}]).name == "simmer"
