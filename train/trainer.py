@@ -531,10 +531,9 @@ def _divergence(state: _Run, epoch: int, detail: str) -> str:
 
 def _sync_point(state: _Run, epoch: int, parts: torch.Tensor, bar, rate: float) -> None:
     """The one host sync of a window: the divergence check, the progress bar, the CPU time estimate."""
-    values = parts.tolist()
+    values, names = parts.tolist(), state.parts.step.part_names
     if not all(math.isfinite(v) for v in values):
-        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(state.parts.step.part_names, values))))
-    names = state.parts.step.part_names
+        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))))
     bar.set_postfix(**{PART_SHORT.get(n, n): format(v, PART_FORMATS.get(n, ".4f")) for n, v in zip(names, values)},
                     lr=f"{state.parts.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
     state.tracker.scalars({**{f"train/{n}": v for n, v in zip(names, values)},
