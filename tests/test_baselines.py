@@ -319,3 +319,4 @@ def test_simsiam_resume_restores_the_predictor_and_evaluation_ignores_it(betons,
     assert 0.0 <= results["top1"] <= 1.0
     exported = read_run(resumed)
     assert set(exported.backbone.state_dict()) == {k.removeprefix("backbone.") for k in weights if k.startswith("backbone.")}
+

@@ -608,10 +608,9 @@ class _Epoch:
 
 def _sync_point(state: _LoopState, epoch: int, losses: torch.Tensor, bar, rate: float) -> None:
     """The one host sync of a window: the divergence check, the progress bar, the CPU time estimate."""
-    values = losses.tolist()
+    values, names = losses.tolist(), state.training.train_step.loss_names
     if not all(math.isfinite(v) for v in values):
-        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(state.training.train_step.loss_names, values))))
-    names = state.training.train_step.loss_names
+        raise TrainingDiverged(_divergence(state, epoch, ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))))
     bar.set_postfix(**{LOSS_SHORT.get(n, n): format(v, LOSS_FORMATS.get(n, ".4f")) for n, v in zip(names, values)},
                     lr=f"{state.training.optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}", refresh=False)
     state.tracker.scalars({**{f"train/{n}": v for n, v in zip(names, values)},
