@@ -14,8 +14,9 @@ setup: $(VENV)/.complete
 $(VENV)/.complete: requirements.txt pyproject.toml tools/setup_env.sh
 	VENV=$(VENV) bash tools/setup_env.sh
 
+# Two workers, one test file each at a time (module fixtures are built once); the slowest tests are listed.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 $(DEMO_DATA): | setup
 	$(PY) data_prep/write_beton.py --data.dataset=synthetic --data.out_dir=data
