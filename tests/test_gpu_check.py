@@ -38,7 +38,9 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     assert projection["train_s"] == pytest.approx(10 * 10 * step_s)
     knn = written["knn"]
     assert knn["cached"] and knn["first_s"] >= knn["seconds"] > 0
-    assert projection["knn_s"] == pytest.approx((knn["read_s_per_image"] + 2 * knn["s_per_image"]) * 60000)
+    assert knn["read_s_per_image"] == pytest.approx(written["loader_ms"] / 1000 / 8) and knn["fixed_s"] >= 0
+    assert projection["knn_s"] == pytest.approx(knn["fixed_s"] + (knn["read_s_per_image"] + 2 * knn["s_per_image"]) * 60000)
+    assert knn["fixed_s"] <= knn["first_s"]  # start-up costs are counted once, not scaled by the image count
     assert _positive(written["health_ms"]) and written["log_sync_ms"] >= 0
     assert projection["health_s"] == pytest.approx(10 * written["health_ms"] / 1000)
     assert written["loader_check"] == {"passes": 3, "images_compared": 3 * (48 + 9), "mismatches": 0}
