@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from data_prep.loader import BetonLoader
-from measure.features import feature_batch
+from measure.features import feature_batch, read_images
 
 COLLAPSE_RANK = 2.0  # effective rank below this: (dimensional) collapse
 COLLAPSE_RANK_SHARE = 0.02  # ... or below this fraction of min(N, D): dimensional collapse from the start
@@ -94,9 +94,4 @@ def held_out_images(data: dict, count: int, image_size: int, device: torch.devic
     loader = BetonLoader(path, feature_batch(device, image_size), train=False, device=device,
                          num_workers=data["num_workers"], image_size=image_size)
     chosen = np.unique(np.linspace(0, loader.num_samples - 1, min(count, loader.num_samples)).round().astype(np.int64))
-    kept, start = [], 0
-    for batch in loader:
-        inside = chosen[(chosen >= start) & (chosen < start + len(batch.images))] - start
-        kept.append(batch.images[torch.as_tensor(inside, device=device)])
-        start += len(batch.images)
-    return torch.cat(kept)
+    return read_images(loader, indices=chosen)[0]

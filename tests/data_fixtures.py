@@ -179,3 +179,10 @@ def events(run_dir: Path):
 
 def steps(events, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The run's ``log.jsonl``, one dict per epoch."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

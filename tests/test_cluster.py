@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from data_fixtures import start_pretraining, tiny_args
+from data_fixtures import read_log, start_pretraining, tiny_args
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +33,6 @@ def _stand_in_scontrol(folder: Path) -> tuple[dict[str, str], Path]:
            "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": "4242"}
     env.pop("SLURM_ARRAY_JOB_ID", None)
     return env, record
-
-
-def _log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def _stop(name: str, process: subprocess.Popen, run_dir: Path, delay: float, signum: int, args: list[str],
@@ -98,7 +94,7 @@ def test_signals_mid_run_checkpoint_and_exit_cleanly_and_the_run_dir_lock_holds(
         between = re.search(r"stopped by SIG\w+ before epoch \d+; the checkpoint \S+ holds epoch \d+", text)
         assert code == 0 and (mid_epoch or between), (name, code, text[-3000:])
         assert (folder / "run" / "checkpoints" / "last.pt").is_file(), name
-        epochs = [line["epoch"] for line in _log(folder / "run")]
+        epochs = [line["epoch"] for line in read_log(folder / "run")]
         assert epochs == list(range(1, len(epochs) + 1)), name  # each epoch once, from one run
         if name == "usr1":
             assert record.read_text() == "requeue 4242\n" and "requeued SLURM job 4242" in text
@@ -118,7 +114,7 @@ def test_signals_mid_run_checkpoint_and_exit_cleanly_and_the_run_dir_lock_holds(
         args = runs[name][3]
         summary = pretrain_main([*args, "--run.stop_after_epochs=1", "--run.progress=0"])
         assert summary["interrupted"] and summary["epochs_done"] >= 1, name  # not blocked by a dead run's lock
-        epochs = [line["epoch"] for line in _log(tmp_path / name / "run")]
+        epochs = [line["epoch"] for line in read_log(tmp_path / name / "run")]
         assert epochs == list(range(1, summary["epochs_done"] + 1)), name
 
 

@@ -29,8 +29,9 @@ def _transform():
 
 
 def test_batches_are_tensors_of_their_own(betons):
-    loader = BetonLoader(betons["test"], 16, train=False, num_workers=1)
-    kept = list(loader)  # kept across iterations: ffcv's slot buffers are reused, these must not be
+    # 12 batches of 4: more than ffcv's ring of batches_ahead + 2 = 5 slot buffers, which it reuses
+    loader = BetonLoader(betons["test"], 4, train=False, num_workers=1)
+    kept = list(loader)  # kept across iterations: a reused slot buffer would hold a later batch's images
     images, labels = torch.cat([b.images for b in kept]), torch.cat([b.labels for b in kept])
     assert len({b.images.data_ptr() for b in kept}) == len(kept)
     assert kept[0].images.is_contiguous(memory_format=torch.channels_last)
