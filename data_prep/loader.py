@@ -271,7 +271,7 @@ class BetonLoader:
         try:
             while True:
                 copier.wait()  # the previous batch's host buffer is read: ffcv may now reuse it
-                pair = next(iterator, None)
+                pair = _fetch(iterator)
                 if pair is None:
                     return
                 first, second = pair
@@ -312,6 +312,11 @@ class _DeviceCopier:
         if self.pending is not None:
             self.pending.synchronize()
             self.pending = None
+
+
+def _fetch(iterator):
+    """ffcv's next host batch, ``None`` at the end of the epoch."""
+    return next(iterator, None)
 
 
 def _shut_down(iterator) -> None:

@@ -3,13 +3,20 @@
 The loader lifecycle of a run (training epochs, one left early, then the monitor's passes at the
 last epoch, then the end of the run) is replayed on the CPU and every image the monitor evaluates
 is compared with the beton read on its own; corrupt labels stop with one error naming the batch.
+The copy to a GPU is checked for its stream ordering with fake CUDA tensors and logged streams.
 """
 from __future__ import annotations
+
+import contextlib
+import itertools
 
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import data_prep.loader as loader_module
 from augment import build_eval_transform, resolve_preset
 from data_prep.loader import BetonLoader, CorruptBatchError
 from measure.features import extract_features, image_checksums
@@ -38,6 +45,99 @@ def test_batches_are_tensors_of_their_own(betons):
     sums, reference_labels = read_checksums(BetonLoader(betons["test"], 7, train=False, num_workers=1))
     assert torch.equal(image_checksums(images), sums) and torch.equal(labels, reference_labels)
     assert torch.equal(labels, torch.as_tensor(loader.info.labels))
+
+
+class _CudaLog(TorchDispatchMode):
+    """Stands in for torch.cuda's streams and events and logs, in order, what the loader asks of them.
+
+    Copies to the device run on fake CUDA tensors (no GPU) and are logged with the stream that is
+    current when they are issued.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.events = itertools.count()
+        self.consumer, self.current = "consumer", "consumer"
+        log = self
+
+        class Stream(str):
+            def wait_event(self, event):
+                log.calls.append(("wait_event", str(self), event.name))
+
+        class Event:
+            def __init__(self):
+                self.name = f"event{next(log.events)}"
+
+            def record(self, stream):
+                log.calls.append(("record", self.name, str(stream)))
+
+            def synchronize(self):
+                log.calls.append(("synchronize", self.name))
+        self.Stream, self.Event = Stream, Event
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.device.type == "cuda":
+            self.calls.append(("copy", id(out), str(self.current), (kwargs or {}).get("non_blocking", False)))
+        return out
+
+
+@pytest.fixture
+def cuda_log(monkeypatch) -> _CudaLog:
+    """The loader's CUDA calls, logged: stream and event calls, copies (fake CUDA), ffcv fetches, shut-down."""
+    log = _CudaLog()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: log.Stream("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: log.Stream("consumer"))
+    monkeypatch.setattr(torch.cuda, "Event", log.Event)
+    monkeypatch.setattr(torch.cuda, "stream", log.stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.calls.append(("record_stream", id(t), str(s))))
+    copy, shut_down, fetch = loader_module._DeviceCopier.__call__, loader_module._shut_down, loader_module._fetch
+
+    def fake_copy(self, images, labels):
+        with FakeTensorMode(allow_non_fake_inputs=True), log:
+            return copy(self, images, labels)
+    monkeypatch.setattr(loader_module._DeviceCopier, "__call__", fake_copy)
+    monkeypatch.setattr(loader_module, "_shut_down", lambda it: (log.calls.append(("shut_down",)), shut_down(it)))
+    monkeypatch.setattr(loader_module, "_fetch", lambda it: (log.calls.append(("fetch",)), fetch(it))[1])
+    return log
+
+
+def _ordered_copy(batch: int, images, labels) -> list[tuple]:
+    """The calls that copy one batch: on the side stream, then handed to the consumer's stream."""
+    event = f"event{batch}"
+    return [("fetch",), ("copy", id(images), "side", True), ("copy", id(labels), "side", True),
+            ("record", event, "side"), ("wait_event", "consumer", event),
+            ("record_stream", id(images), "consumer"), ("record_stream", id(labels), "consumer")]
+
+
+def test_the_copy_to_the_gpu_is_ordered_by_streams_and_a_host_wait(betons, cuda_log):
+    """docs/BENCHMARKS.md, "The kNN bank's labels": each batch is copied on a side stream into tensors
+    of its own, the consumer's stream waits for the copy and is recorded on them, and the host waits
+    for batch b's copy before ffcv is asked for batch b + 1 (when it may reuse b's host buffer) and
+    before the iterator is shut down, also when the epoch is left early."""
+    loader = BetonLoader(betons["test"], 16, train=False, device="cuda", num_workers=1)
+    batches = list(loader)  # 48 images: 3 batches
+    assert len(batches) == 3 and all(b.images.device.type == "cuda" for b in batches)
+    expected = []
+    for index, (images, labels) in enumerate(batches):
+        expected += [*_ordered_copy(index, images, labels), ("synchronize", f"event{index}")]
+    assert cuda_log.calls == [*expected, ("fetch",), ("shut_down",)]
+
+    cuda_log.calls.clear()
+    cuda_log.events = itertools.count()
+    for first in loader:
+        break  # the epoch left with batch 0's copy pending: waited for before the shut-down
+    assert cuda_log.calls == [*_ordered_copy(0, *first), ("synchronize", "event0"), ("shut_down",)]
 
 
 @pytest.mark.parametrize("cached", [True, False])
