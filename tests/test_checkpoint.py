@@ -76,6 +76,49 @@ def test_snapshot_detaches_and_copies_nested_tensors():
     assert not copied["a"][0].requires_grad and copied["a"][0].data_ptr() != live.data_ptr()
 
 
+def test_a_gpu_snapshot_is_one_asynchronous_copy_into_reused_buffers_awaited_by_the_writer(tmp_path, monkeypatch):
+    """docs/BENCHMARKS.md: the training thread only queues copies (``non_blocking``, into pinned
+    buffers kept for the next save) and records an event; the writer thread waits for that event
+    before it writes. Fake CUDA tensors and a logging stand-in for torch.cuda.Event, no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten.copy_.default:
+                non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+                calls.append(("copy", id(args[0]), args[1].device.type, args[0].device.type, non_blocking))
+            return func(*args, **kwargs)
+
+    class Event:
+        def record(self):
+            calls.append(("record", threading.current_thread().name))
+
+        def synchronize(self):
+            calls.append(("synchronize", threading.current_thread().name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(checkpoint, "save_checkpoint",
+                        lambda path, state: calls.append(("write", threading.current_thread().name, state["step"])))
+    writer = CheckpointWriter()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        weight, moment = torch.empty(64, 32, device="cuda"), torch.empty(64, 32, device="cuda")
+        for step in (1, 2):
+            with Copies():
+                writer.save(tmp_path / "last.pt", {"model": {"w": weight}, "optimizer": [moment], "step": step})
+            writer.wait()
+    buffers = {call[1] for call in calls if call[0] == "copy"}
+    training = threading.current_thread().name
+    assert len(buffers) == 2 and len(calls) == 10  # the second save reuses the first one's two buffers
+    for start, step in ((0, 1), (5, 2)):
+        copies, rest = calls[start:start + 2], calls[start + 2:start + 5]
+        assert {c[1] for c in copies} == buffers and all(c[2:] == ("cuda", "cpu", True) for c in copies)
+        assert rest == [("record", training), ("synchronize", "checkpoint-writer"), ("write", "checkpoint-writer", step)]
+
+
 def test_mismatch_summary_names_the_offending_keys():
     from torch import nn
 
