@@ -217,6 +217,20 @@ def test_every_declared_method_has_a_loss_and_its_parts():
     assert get_method("simmer").log_names == ("loss", "tv", "entropy", "rank")  # SimMER's log keys are unchanged
 
 
+def test_each_method_names_its_own_weights_when_a_run_goes_wrong():
+    class Reads(dict):
+        def __missing__(self, key):
+            self.setdefault("read", set()).add(key)
+            return 1
+    for name in METHODS:
+        method, cfg = get_method(name), Reads()
+        method.options(cfg)
+        assert set(method.weights) <= cfg.get("read", set())  # options the loss really takes
+    assert get_method("simmer").advice("Lower cfg.lr") == "Lower cfg.lr or check cfg.alpha_h / cfg.alpha_r"
+    assert get_method("barlow_twins").advice() == "check cfg.barlow_lambda"
+    assert get_method("simsiam").advice("Lower cfg.lr") == "Lower cfg.lr"
+
+
 # ------------------------------------------------------------------------ CUDA: no host sync
 @pytest.mark.parametrize("method", BASELINES)
 def test_the_step_of_each_method_makes_no_host_sync_on_cuda(method):

@@ -204,7 +204,7 @@ def test_collapse_is_flagged_without_entropy_and_rank(betons, tmp_path):
     # lr 0.05, 30 epochs: with seeds 0 and 1 the collapsing run ends at 35 % and 27 % of its peak
     # effective rank and the default at 100 % and 91 % (the flag is at 40 %).
     common = ("--run.knn_every=0", "--cfg.epochs=30", "--cfg.lr=0.05", "--run.logger=none", "--run.probe=0")
-    with pytest.warns(UserWarning, match="collapsed"):
+    with pytest.warns(UserWarning, match="collapsed .*check cfg.alpha_h / cfg.alpha_r"):
         pretrain_main(tiny_args(betons, tmp_path / "collapse", *common, "--cfg.alpha_h=0", "--cfg.alpha_r=0"))
     assert not read_log(tmp_path / "collapse")[0]["collapsed"]
     pretrain_main(tiny_args(betons, tmp_path / "default", *common))
@@ -320,7 +320,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(betons, tmp_path, c
     pretrain_main(tiny_args(betons, run_dir, "--run.knn_every=0", "--run.stop_after_epochs=1"))
     before = (run_dir / "checkpoints" / "last.pt").read_bytes()
     assert run_cli(pretrain_main, tiny_args(betons, run_dir, "--run.knn_every=0", "--cfg.lr=1e30")) == 2
-    assert "non-finite" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "non-finite" in error and "Lower cfg.lr or check cfg.alpha_h / cfg.alpha_r." in error
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
 
 

@@ -34,11 +34,17 @@ class Method:
     parts: tuple[str, ...]  # the keys of the loss's parts, logged after the total
     options: Callable[[dict], dict]  # a config's ``cfg`` section -> the loss's keyword arguments
     predictor: bool = False  # the encoder gets SimSiam's predictor; the loss takes its outputs
+    weights: tuple[str, ...] = ()  # the ``cfg`` keys of the loss's weights, named when a run goes wrong
 
     @property
     def log_names(self) -> tuple[str, ...]:
         """``loss`` and the parts: the names of the figures a training step returns."""
         return ("loss", *self.parts)
+
+    def advice(self, first: str = "") -> str:
+        """What to check when a run of this method diverges or collapses: ``first``, then its weights."""
+        weights = " / ".join(f"cfg.{key}" for key in self.weights)
+        return " or ".join(part for part in (first, f"check {weights}" if weights else "") if part)
 
 
 def _simmer_options(cfg: dict) -> dict:
@@ -63,10 +69,13 @@ def _no_options(cfg: dict) -> dict:
 
 
 _METHODS = {
-    "simmer": Method("simmer", simmer_loss, ("tv", "entropy", "rank"), _simmer_options),
-    "vicreg": Method("vicreg", vicreg_loss, ("invariance", "variance", "covariance"), _vicreg_options),
-    "barlow_twins": Method("barlow_twins", barlow_twins_loss, ("on_diagonal", "off_diagonal"), _barlow_twins_options),
-    "simclr": Method("simclr", nt_xent_loss, ("positive", "logsumexp"), _simclr_options),
+    "simmer": Method("simmer", simmer_loss, ("tv", "entropy", "rank"), _simmer_options,
+                     weights=("alpha_h", "alpha_r")),
+    "vicreg": Method("vicreg", vicreg_loss, ("invariance", "variance", "covariance"), _vicreg_options,
+                     weights=("vicreg_sim", "vicreg_var", "vicreg_cov")),
+    "barlow_twins": Method("barlow_twins", barlow_twins_loss, ("on_diagonal", "off_diagonal"), _barlow_twins_options,
+                           weights=("barlow_lambda",)),
+    "simclr": Method("simclr", nt_xent_loss, ("positive", "logsumexp"), _simclr_options, weights=("temperature",)),
     "simsiam": Method("simsiam", simsiam_loss, ("z_std",), _no_options, predictor=True),
 }
 

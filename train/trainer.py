@@ -625,7 +625,11 @@ def _sync_point(state: _LoopState, epoch: int, losses: torch.Tensor, bar, rate: 
 
 def _divergence(state: _LoopState, epoch: int, detail: str) -> str:
     return (f"the loss became non-finite at epoch {epoch + 1}, step {state.step} ({detail}); the last good "
-            f"checkpoint {state.checkpoint_path} is kept. Lower cfg.lr or check cfg.alpha_h / cfg.alpha_r.")
+            f"checkpoint {state.checkpoint_path} is kept. {_method(state).advice('Lower cfg.lr')}.")
+
+
+def _method(state: _LoopState):
+    return get_method(state.cfg.get("method", "simmer"))
 
 
 def _save_mid_epoch(state: _LoopState, epoch: int, result: _Epoch) -> None:
@@ -661,7 +665,7 @@ def _end_epoch(state: _LoopState, epoch: int, result: _Epoch) -> bool:
         if line["collapsed"] and state.is_main:
             warnings.warn(f"epoch {epoch + 1}: the representation looks collapsed (effective rank of zbar "
                           f"{line['zbar_effective_rank']:.2f}, std {line['zbar_std']:.2e}); "
-                          "check cfg.alpha_h and cfg.alpha_r", stacklevel=1)
+                          f"{_method(state).advice() or 'check cfg.lr'}", stacklevel=1)
     last_epoch = epoch + 1 == cfg["epochs"]
     probe = state.training.train_step.probe
     if probe is not None and probe.seen:
