@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from augment import build_eval_transform, resolve_preset
-from core.config import ConfigError
+from core.config import DATA_READING, ConfigError
 from core.device import resolve_device
 from core.io import atomic_write, check_names, folder_problem
 from core.schedule import lr_at
@@ -27,7 +27,7 @@ from measure.knn import check_label_sets
 from train.checkpoint import CheckpointError, load_checkpoint, mismatch_summary
 from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, build_encoder_from_cfg
 
-EVAL_SECTIONS = ("eval", "cfg", "data")
+EVAL_SECTIONS = ("eval", "cfg", *DATA_READING)  # not the conversion-only data.* flags of write_beton.py
 
 
 @dataclass

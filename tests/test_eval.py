@@ -106,6 +106,17 @@ def test_default_hyper_parameters_are_the_papers():
             cfg["alpha_r"], cfg["rank_variant"], cfg["rank_bias"]) == ("resnet18", 512, 4, 800, 1e-3, 1e-6, 0.1, 2e-4, "nuclear", 0)
 
 
+@pytest.mark.parametrize("main", [knn_main, linear_main, finetune_main])
+def test_the_evaluation_tools_take_only_the_beton_reading_data_flags(main, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    parameters = capsys.readouterr().out.split("parameters:")[1]
+    assert {line.split()[0] for line in parameters.splitlines() if line.startswith("  --data.")} == {
+        "--data.train_beton", "--data.test_beton", "--data.num_workers"}
+    assert run_cli(main, ["--data.shots=3"]) == 2
+    assert "unknown argument(s): --data.shots=3" in capsys.readouterr().err
+
+
 def test_bad_checkpoints_are_refused_clearly(betons, run_dir, tmp_path, capsys):
     base = [*data_args(betons), *FAST, f"--eval.out={tmp_path / 'x.json'}"]
     assert run_cli(knn_main, ["--eval.checkpoint=/nowhere/last.pt", *base]) == 2
