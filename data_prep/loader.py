@@ -6,7 +6,8 @@
   also after a resume: :meth:`BetonLoader.set_epoch`), ``drop_last`` (unless ``drop_last=False``,
   which the evaluation protocols use), and distributed (each rank a disjoint shard) when
   ``torch.distributed`` is initialised;
-* ``train=False``: sequential order, every sample exactly once (the last batch may be short).
+* ``train=False``: sequential order, every sample exactly once (the last batch may be short),
+  or only the samples of ``indices`` (the health figures' and the report's few images).
 
 It yields :class:`Batch` ``(images, labels)``: ``images`` uint8 (B, 3, H, W) with channels-last
 strides on the requested device, ``labels`` int64 (B,). Each batch is a tensor of its own, which
@@ -139,13 +140,13 @@ class CorruptBatchError(BetonError):
     """Labels read from a beton that are not the beton's labels: the data was corrupted on its way."""
 
 
-def check_batch_labels(labels: torch.Tensor, info: BetonInfo, batch_size: int) -> None:
+def check_batch_labels(labels: torch.Tensor, loader: "BetonLoader") -> None:
     """Raises :class:`CorruptBatchError` naming the first batch whose labels are outside the beton's.
 
-    ``labels`` (N,): the labels of an eval-mode pass over the beton of ``info``, in order, read in
-    batches of ``batch_size``. A labelled beton's labels lie in [0, classes); an unlabelled one's
-    are all -1. One host sync.
+    ``labels`` (N,): the labels of one eval-mode pass of ``loader``, in order. A labelled beton's
+    labels lie in [0, classes); an unlabelled one's are all -1. One host sync.
     """
+    info, batch_size = loader.info, loader.batch_size
     if info.labelled:
         bad = (labels < 0) | (labels >= info.num_classes)
         expected = f"[0, {info.num_classes})"
@@ -156,10 +157,12 @@ def check_batch_labels(labels: torch.Tensor, info: BetonInfo, batch_size: int) -
         return
     first = int(bad.nonzero()[0, 0])
     batch = first // batch_size
+    where = f"images {batch * batch_size}-{min(len(labels), (batch + 1) * batch_size) - 1}"
+    image = first if loader.indices is None else int(loader.indices[first])
     raise CorruptBatchError(
-        f"batch {batch} (images {batch * batch_size}-{min(len(labels), (batch + 1) * batch_size) - 1}) of {info.path} "
-        f"arrived with label {int(labels[first])} at image {first}, outside {expected}: the data was corrupted "
-        f"between the beton and {labels.device} ({int(bad.sum())} bad label(s) in this pass)")
+        f"batch {batch} ({where}) of {info.path} arrived with label {int(labels[first])} at image {image}, "
+        f"outside {expected}: the data was corrupted between the beton and {labels.device} "
+        f"({int(bad.sum())} bad label(s) in this pass)")
 
 
 def _check_extents(path: Path, reader, index_start: int) -> None:
@@ -184,6 +187,18 @@ def _check_extents(path: Path, reader, index_start: int) -> None:
                              f"{path.stat().st_size} bytes in all); write it again")
 
 
+def _subset(indices, info: BetonInfo, train: bool) -> np.ndarray:
+    """``indices`` checked against the beton of ``info``: increasing sample indices, as int64."""
+    if train:
+        raise ValueError("a subset of a beton (indices) is read in eval mode only (train=False)")
+    chosen = np.asarray(indices)
+    if chosen.ndim != 1 or not np.issubdtype(chosen.dtype, np.integer) or len(chosen) == 0:
+        raise ValueError(f"indices must be a non-empty list of sample indices, got shape {chosen.shape} of {chosen.dtype}")
+    if chosen[0] < 0 or chosen[-1] >= info.num_samples or (np.diff(chosen) <= 0).any():
+        raise ValueError(f"indices must increase within [0, {info.num_samples}) for {info.path}")
+    return chosen.astype(np.int64)
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -203,14 +218,18 @@ class BetonLoader:
         distributed: shard across ranks; ``None`` = when training and torch.distributed is initialised.
         drop_last: drop the last, incomplete batch; ``None`` = when training. The evaluation
             protocols pass ``train=True, drop_last=False``: random order, every image each epoch.
+        indices: eval mode only: read only these images of the beton (increasing sample indices), in
+            that order; only they are decoded. ``None`` = all.
     """
 
     def __init__(self, path: str | Path, batch_size: int, *, train: bool, device: str | torch.device = "cpu",
                  num_workers: int = 0, seed: int = 0, image_size: int | None = None,
-                 distributed: bool | None = None, drop_last: bool | None = None, batches_ahead: int = 3):
+                 distributed: bool | None = None, drop_last: bool | None = None, batches_ahead: int = 3,
+                 indices=None):
         self.info = inspect_beton(path)
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
+        self.indices = None if indices is None else _subset(indices, self.info, train)
         self.device = torch.device(device)
         self.train = train
         self.distributed = (train and _distributed()) if distributed is None else distributed
@@ -244,14 +263,16 @@ class BetonLoader:
         self._loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers if num_workers > 0 else (os.cpu_count() or 1),
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=self.drop_last,
-            distributed=self.distributed, seed=seed, pipelines=pipelines, batches_ahead=batches_ahead)
+            distributed=self.distributed, seed=seed, pipelines=pipelines, batches_ahead=batches_ahead,
+            indices=self.indices)
         if len(self._loader) == 0:
             raise DataError(f"batch size {batch_size} is larger than the {self.info.num_samples} images of {path} "
                             "(this loader drops incomplete batches)")
 
     @property
     def num_samples(self) -> int:
-        return self.info.num_samples
+        """The images one pass reads: the beton's, or those of ``indices``."""
+        return self.info.num_samples if self.indices is None else len(self.indices)
 
     @property
     def epoch(self) -> int:

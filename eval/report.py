@@ -237,13 +237,18 @@ class Pictures:
         return bool(self.class_names)
 
 
-def sample_images(loader, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``count`` images of ``loader``'s beton spread over it (stratified by class,
-    :func:`measure.sample.spread_indices`), in an order shuffled from ``seed``: uint8 images and labels."""
+def sample_images(path, count: int, seed: int, batch_size: int = 256,
+                  image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` images of the beton at ``path`` spread over it (stratified by class,
+    :func:`measure.sample.spread_indices`), in an order shuffled from ``seed``: uint8 images and
+    labels. Only those images are decoded."""
+    from data_prep.loader import BetonLoader, inspect_beton
     from measure.features import read_images
     from measure.sample import spread_indices
 
-    images, labels = read_images(loader, indices=spread_indices(loader.info.labels, count, seed))
+    chosen = spread_indices(inspect_beton(path).labels, count, seed)
+    loader = BetonLoader(path, batch_size, train=False, num_workers=1, image_size=image_size, indices=chosen)
+    images, labels = read_images(loader)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     return images[order], labels[order]
 
@@ -256,7 +261,7 @@ def gather_pictures(run_dir: Path, max_images: int = 2000, batch_size: int = 256
     import torch.nn.functional as F
 
     from augment import build_augmentation, build_eval_transform, resolve_preset
-    from data_prep.loader import BetonLoader, inspect_beton
+    from data_prep.loader import inspect_beton
     from data_prep.writer import read_class_names
     from train.checkpoint import load_checkpoint
     from train.model import build_encoder_from_cfg
@@ -265,17 +270,15 @@ def gather_pictures(run_dir: Path, max_images: int = 2000, batch_size: int = 256
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     config = checkpoint["config"]
     cfg = config["cfg"]
-    labelled = inspect_beton(config["data"]["train_beton"]).labelled  # a missing or bad beton stops the report
-    if labelled:
-        inspect_beton(config["data"]["test_beton"])
+    bank = inspect_beton(config["data"]["train_beton"])  # a missing or bad beton stops the report
+    labelled = bank.labelled
+    test = inspect_beton(config["data"]["test_beton"]) if labelled else bank
     size = cfg["image_size"] or None
-    bank = BetonLoader(config["data"]["train_beton"], batch_size, train=False, num_workers=1, image_size=size)
-    test = BetonLoader(config["data"]["test_beton"], batch_size, train=False, num_workers=1,
-                       image_size=size) if labelled else bank
-    image_size = test.image_size
+    test_images, test_labels = sample_images(test.path, max_images, cfg["seed"], batch_size, size)
+    bank_images, bank_labels = sample_images(bank.path, max_images, cfg["seed"], batch_size, size) \
+        if labelled else (test_images, test_labels)
+    image_size = test_images.shape[-1]
     preset = resolve_preset(cfg["augment"], image_size)
-    test_images, test_labels = sample_images(test, max_images, cfg["seed"])
-    bank_images, bank_labels = sample_images(bank, max_images, cfg["seed"]) if labelled else (test_images, test_labels)
     torch.manual_seed(0)
     augment = build_augmentation(preset, cfg["K"], image_size)
     transform = build_eval_transform(preset)
@@ -300,8 +303,8 @@ def gather_pictures(run_dir: Path, max_images: int = 2000, batch_size: int = 256
     grid = views_grid(test_images, views, normalize.mean, normalize.std)
     names: tuple[str, ...] = ()
     if labelled:
-        classes = test.info.num_classes
-        names = read_class_names(test.info.path, classes) or read_class_names(bank.info.path, classes) \
+        classes = test.num_classes
+        names = read_class_names(test.path, classes) or read_class_names(bank.path, classes) \
             or tuple(str(i) for i in range(classes))
     return Pictures(spectra, grid, test_images, test_features, test_labels, bank_images, bank_features, bank_labels,
                     names, same_images=not labelled)

@@ -60,7 +60,7 @@ def extract_features(backbone: nn.Module, loader: BetonLoader, transform: nn.Mod
     finally:
         backbone.train(was_training)
     labels = torch.cat(labels)
-    check_batch_labels(labels, loader.info, loader.batch_size)
+    check_batch_labels(labels, loader)
     return torch.cat(features), labels
 
 
@@ -69,29 +69,18 @@ def image_checksums(images: torch.Tensor) -> torch.Tensor:
     return images.sum(dim=(1, 2, 3), dtype=torch.int64)
 
 
-def read_images(loader: BetonLoader, progress: bool = False, desc: str = "reading",
-                indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of an eval-mode ``loader``, decoded once: uint8 (N, 3, H, W) and labels (N,) on its device.
-
-    ``indices`` (sorted, e.g. :func:`measure.sample.spread_indices`): keep only those images (the
-    whole beton is still read, and all its labels checked).
-    """
+def read_images(loader: BetonLoader, progress: bool = False, desc: str = "reading") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of an eval-mode ``loader`` (its ``indices`` only, when it has some), decoded once:
+    uint8 (N, 3, H, W) and labels (N,) on its device."""
     if loader.train:
         raise ValueError("reading a beton whole needs an eval-mode loader (every sample once, in order)")
-    keep = None if indices is None else torch.as_tensor(indices, dtype=torch.int64)
-    images, labels, kept, start = [], [], [], 0
+    images, labels = [], []
     for batch in progress_bar(loader, progress, desc=desc, leave=False, unit="batch"):
+        images.append(batch.images)
         labels.append(batch.labels)
-        if keep is None:
-            images.append(batch.images)
-        else:
-            inside = keep[(keep >= start) & (keep < start + len(batch.labels))] - start
-            images.append(batch.images[inside.to(batch.images.device)])
-            kept.append(batch.labels[inside.to(batch.labels.device)])
-        start += len(batch.labels)
     labels = torch.cat(labels)
-    check_batch_labels(labels, loader.info, loader.batch_size)
-    return torch.cat(images).contiguous(memory_format=torch.channels_last), labels if keep is None else torch.cat(kept)
+    check_batch_labels(labels, loader)
+    return torch.cat(images).contiguous(memory_format=torch.channels_last), labels
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.loader import BetonLoader
+from data_prep.loader import BetonLoader, inspect_beton
 from measure.features import feature_batch, read_images
 
 COLLAPSE_RANK = 2.0  # effective rank below this: (dimensional) collapse
@@ -91,7 +91,8 @@ def held_out_images(data: dict, count: int, image_size: int, device: torch.devic
     """The fixed images of the health figures: ``count`` evenly spaced images (all when fewer) of
     ``data['test_beton']``, or of the training beton when there is no test beton; uint8 on ``device``."""
     path = data["test_beton"] if Path(data["test_beton"]).is_file() else data["train_beton"]
+    total = inspect_beton(path).num_samples
+    chosen = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(np.int64))
     loader = BetonLoader(path, feature_batch(device, image_size), train=False, device=device,
-                         num_workers=data["num_workers"], image_size=image_size)
-    chosen = np.unique(np.linspace(0, loader.num_samples - 1, min(count, loader.num_samples)).round().astype(np.int64))
-    return read_images(loader, indices=chosen)[0]
+                         num_workers=data["num_workers"], image_size=image_size, indices=chosen)
+    return read_images(loader)[0]

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data_prep.loader as loader_module
 from augment import build_eval_transform, resolve_preset
 from data_prep.loader import BetonLoader, CorruptBatchError
-from measure.features import extract_features, image_checksums
+from measure.features import extract_features, image_checksums, read_images
 from measure.knn import knn_accuracy
 from measure.monitor import KnnMonitor, read_checksums
 
@@ -182,13 +182,30 @@ def test_labels_outside_the_classes_stop_extraction_naming_the_batch(betons, mon
     def corrupted(self):
         for index, batch in enumerate(real_iter(self)):
             if index == 2:
-                batch.labels[5] = 3820580758807316397  # a value seen on a GPU: eight image bytes read as a label
+                batch.labels[5 % len(batch.labels)] = 3820580758807316397  # a value seen on a GPU: eight image bytes read as a label
             yield batch
 
     monkeypatch.setattr(BetonLoader, "__iter__", corrupted)
     with pytest.raises(CorruptBatchError, match=r"batch 2 \(images 32-47\) of .*test\.beton arrived with label "
                                                 r"3820580758807316397 at image 37, outside \[0, 10\)"):
         extract_features(_backbone(), loader, _transform())
+    every_other = BetonLoader(betons["test"], 4, train=False, num_workers=1, indices=range(1, 48, 2))
+    with pytest.raises(CorruptBatchError, match=r"batch 2 \(images 8-11\) of .*arrived with label 3820580758807316397 "
+                                                r"at image 19, outside"):  # the beton's index of the pass's 10th image
+        read_images(every_other)
+
+
+def test_a_subset_of_a_beton_is_read_in_eval_mode_in_increasing_order(betons):
+    whole = read_images(BetonLoader(betons["test"], 48, train=False, num_workers=1))
+    chosen = [0, 5, 6, 30, 47]
+    images, labels = read_images(BetonLoader(betons["test"], 2, train=False, num_workers=1, indices=chosen))
+    assert torch.equal(images, whole[0][chosen]) and torch.equal(labels, whole[1][chosen])
+    for indices, message in (([3, 2], "increase"), ([0, 48], r"within \[0, 48\)"), ([], "non-empty"),
+                             ([0.5], "sample indices")):
+        with pytest.raises(ValueError, match=message):
+            BetonLoader(betons["test"], 2, train=False, num_workers=1, indices=indices)
+    with pytest.raises(ValueError, match="eval mode only"):
+        BetonLoader(betons["test"], 2, train=True, num_workers=1, indices=chosen)
 
 
 def test_knn_refuses_absurd_labels_instead_of_allocating_for_them():

@@ -19,6 +19,7 @@ from data_prep.loader import BetonLoader
 from data_prep.sources import ArraySource, DataError
 from data_prep.write_beton import main as write_main
 from data_prep.writer import class_names_path, read_class_names, write_betons
+from measure.features import image_checksums
 from measure.sample import spread_indices
 from train.pretrain import main as pretrain_main
 
@@ -56,11 +57,16 @@ def test_a_class_by_class_beton_is_sampled_across_its_classes_and_keeps_its_name
     write_betons({path: _class_by_class((40, 40, 40, 40, 40))}, num_workers=1)
     assert json.loads(class_names_path(path).read_text()) == {"classes": list(NAMES)}
     assert read_class_names(path, 5) == NAMES
-    loader = BetonLoader(path, 32, train=False, num_workers=1)
-    assert set(next(iter(loader)).labels.tolist()) == {0}  # the first images are one class
-    images, labels = report.sample_images(loader, 50, seed=0)
+    everything = BetonLoader(path, 200, train=False, num_workers=1)
+    assert set(next(iter(everything)).labels[:32].tolist()) == {0}  # the first images are one class
+    images, labels = report.sample_images(path, 50, seed=0, batch_size=32)
     assert images.shape == (50, 3, 8, 8) and np.bincount(labels.numpy()).tolist() == [10] * 5
-    again, labels_again = report.sample_images(loader, 50, seed=0)
+    chosen = spread_indices(everything.info.labels, 50, 0)
+    subset = BetonLoader(path, 32, train=False, num_workers=1, indices=chosen)
+    assert len(subset) == 2 and subset.num_samples == 50  # only the 50 chosen images are read
+    every_image = next(iter(everything)).images
+    assert sorted(image_checksums(images).tolist()) == sorted(image_checksums(every_image[chosen]).tolist())
+    again, labels_again = report.sample_images(path, 50, seed=0, batch_size=32)
     assert torch.equal(again, images) and torch.equal(labels_again, labels)
     assert len(set(labels[:10].tolist())) > 1  # shuffled: a first batch (the spectrum's) is not one class
 
