@@ -9,15 +9,17 @@ On a synthetic beton written for the purpose, with the trainer's own parts
 (:func:`train.trainer.build_training`), it measures the loader; the step eager and compiled, each
 split into its stages (augment, forward, loss, backward, optimiser; CUDA events on a GPU) and timed
 whole in steady state; the eager step again with the projector's last Linear + BatchNorm in bf16
-(``cfg.proj_fp32=0``), which prices the float32 tail; the rank term's methods; one checkpoint (the
-blocking part in the training thread and the background write); the online probe's update; the
-health figures on ``gpu.health_images`` held-out images; the host sync of the log every
-``gpu.log_every`` steps; the kNN monitor (the trainer's own :class:`~measure.monitor.KnnMonitor`:
+(``cfg.proj_fp32=0``), which prices the float32 tail, and again without the online probe, which
+prices the probe inside a step (its update alone is timed too); the rank term's methods; one
+checkpoint (the blocking part in the training thread and the background write); the health
+figures on ``gpu.health_images`` held-out images (the embedding and the figures apart); the host
+sync of the log every ``gpu.log_every`` steps; the kNN monitor (the trainer's own :class:`~measure.monitor.KnnMonitor`:
 the first evaluation, which reads and caches the betons, and a steady one); the peak GPU memory.
 It checks that what the loader delivers on the device is what the beton holds (every image's
 checksum and label against a CPU read, after training-mode epochs, several passes) and stops if
 not. It projects the paper's run (``gpu.epochs`` epochs of ``gpu.train_images`` images) with
-compilation, checkpoints, health figures, log syncs and the kNN monitor included, prints a table
+compilation, checkpoints, health figures, log syncs and the kNN monitor included (and says what
+the health figures, the probe and the log syncs take together), prints a table
 and writes every figure as JSON. About 3–5 minutes on one H100.
 """
 from __future__ import annotations
@@ -145,7 +147,9 @@ def time_rank_term(batch: int, dim: int, device: torch.device, clock: _Clock, st
 
 
 def time_probe(step: TrainStep, batch: int, device: torch.device, clock: _Clock, steps: int) -> float:
-    """ms of one online-probe update (included in the step's figures; this is its share)."""
+    """ms of one online-probe update alone, back to back (bound by the host's launches on a GPU; inside
+    a step the probe's kernels queue behind the backward pass, so its price there is the step with the
+    probe against the step without)."""
     features = torch.randn(batch, step.probe.head.in_features, device=device)
     labels = torch.randint(0, step.probe.head.out_features, (batch,), device=device)
     step.probe.update(features, labels)
@@ -176,16 +180,22 @@ def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path, clo
             "mb": (folder / "last.pt").stat().st_size / 2**20}
 
 
-def time_health(parts, images: torch.Tensor, clock: _Clock) -> float:
-    """ms of one epoch's health figures: the held-out images embedded in eval mode, then the figures."""
+def time_health(parts, images: torch.Tensor, clock: _Clock) -> dict[str, float]:
+    """ms of one epoch's health figures: the held-out images embedded in eval mode (``embed_ms``),
+    then the figures (``figures_ms``: effective rank, spread, nearest neighbours), and both (``ms``)."""
     amp = parts.train_step.amp_dtype is not None
     batch = feature_batch(images.device, images.shape[-1])
     health(embed_images(parts.encoder, images, parts.eval_transform, batch, amp=amp))
     clock.sync()
     start = time.perf_counter()
-    health(embed_images(parts.encoder, images, parts.eval_transform, batch, amp=amp))
+    embeddings = embed_images(parts.encoder, images, parts.eval_transform, batch, amp=amp)
     clock.sync()
-    return (time.perf_counter() - start) * 1000
+    embedded = time.perf_counter()
+    health(embeddings)
+    clock.sync()
+    end = time.perf_counter()
+    return {"ms": (end - start) * 1000, "embed_ms": (embedded - start) * 1000, "figures_ms": (end - embedded) * 1000,
+            "images": len(images), "dim": embeddings.shape[1]}
 
 
 def time_log_sync(step: TrainStep, images: torch.Tensor, clock: _Clock, steps: int, every: int) -> float:
@@ -238,7 +248,7 @@ def project(figures: dict, options: dict) -> dict[str, float]:
         "train_s": options["epochs"] * epoch_s,
         "compile_s": max(0.0, step["cold_s"] - step_s),
         "checkpoints_s": options["epochs"] * checkpoint_s,
-        "health_s": options["epochs"] * figures.get("health_ms", 0.0) / 1000,
+        "health_s": options["epochs"] * figures["health"]["ms"] / 1000 if "health" in figures else 0.0,
         "log_sync_s": options["epochs"] * steps_per_epoch * figures.get("log_sync_ms", 0.0) / 1000,
         # the first evaluation reads the betons (at the loader's measured rate) and caches them, plus a
         # fixed start-up cost counted once; each evaluation embeds the images (a streamed monitor reads them again)
@@ -247,9 +257,11 @@ def project(figures: dict, options: dict) -> dict[str, float]:
             + evaluations * knn["s_per_image"])) if evaluations else 0.0,
     }
     total = sum(parts.values())
+    # the probe runs inside every step: its price is part of the training time, not added to it
+    probe_s = options["epochs"] * steps_per_epoch * figures.get("probe", {}).get("in_step_ms", 0.0) / 1000
     return {**parts, "total_s": total, "total_h": total / 3600, "steps_per_epoch": steps_per_epoch,
-            "knn_share": parts["knn_s"] / total, "checkpoint_share": parts["checkpoints_s"] / total,
-            "monitors_share": (parts["health_s"] + parts["log_sync_s"]) / total}
+            "probe_s": probe_s, "knn_share": parts["knn_s"] / total, "checkpoint_share": parts["checkpoints_s"] / total,
+            "monitors_share": (parts["health_s"] + parts["log_sync_s"] + probe_s) / total}
 
 
 def run_check(options: dict) -> dict:
@@ -284,7 +296,15 @@ def run_check(options: dict) -> dict:
         rounded = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
         figures["eager_proj_bf16"] = time_step(rounded.train_step, images, clock, options["steps"], options["warmup"])
         del rounded
-        figures["probe_ms"] = time_probe(parts.train_step, options["batch_size"], device, clock, options["steps"])
+        # the eager step without the online probe: what the probe adds to a step
+        config = parse_config([*flags, "--run.compile=0", "--run.probe=0"], "", ("cfg", "run"))
+        torch.manual_seed(0)
+        unprobed = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
+        figures["eager_no_probe"] = time_step(unprobed.train_step, images, clock, options["steps"], options["warmup"])
+        del unprobed
+        figures["probe"] = {
+            "alone_ms": time_probe(parts.train_step, options["batch_size"], device, clock, options["steps"]),
+            "in_step_ms": max(0.0, figures["eager"]["step_ms"] - figures["eager_no_probe"]["step_ms"])}
         figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
         figures["checkpoint"] = time_checkpoint(parts.train_step, parts.encoder, Path(folder), clock)
         figures["log_sync_ms"] = time_log_sync(parts.train_step, images, clock, options["steps"], options["log_every"])
@@ -300,7 +320,7 @@ def run_check(options: dict) -> dict:
             seconds.append(time.perf_counter() - start)
         monitor_images = sum(loader.num_samples for loader in monitor.loaders)
         held_out = next(iter(monitor.loaders[1])).images[:options["health_images"]]
-        figures["health_ms"] = time_health(parts, held_out, clock)
+        figures["health"] = time_health(parts, held_out, clock)
         read_s_per_image = figures["loader_ms"] / 1000 / options["batch_size"]  # decoding, at the loader's rate
         figures["knn"] = {"first_s": seconds[0], "seconds": seconds[1], "images": monitor_images,
                           "cached": monitor.cached, "s_per_image": seconds[1] / monitor_images,
@@ -339,8 +359,9 @@ def format_table(figures: dict) -> str:
         tail = figures["eager"]["step_ms"] / figures["eager_proj_bf16"]["step_ms"] - 1
         row("step, eager, projector tail in bf16", figures["eager_proj_bf16"]["step_ms"])
         lines.append(f"  the float32 tail (cfg.proj_fp32=1): eager step {tail:+.1%} against this")
-    step_ms = figures.get("compiled", figures["eager"])["step_ms"]
-    row(f"online probe update ({figures['probe_ms'] / step_ms:.1%} of a step)", figures["probe_ms"], per_batch=False)
+    probe, eager_ms = figures["probe"], figures["eager"]["step_ms"]
+    row("online probe update alone", probe["alone_ms"], per_batch=False)
+    row(f"  in a step ({probe['in_step_ms'] / eager_ms:.1%}, with - without)", probe["in_step_ms"], per_batch=False)
     for method, ms in figures["rank_term_ms"].items():
         row(f"rank term fwd+bwd, {method}", ms, per_batch=False)
     checkpoint = figures["checkpoint"]
@@ -348,8 +369,12 @@ def format_table(figures: dict) -> str:
     if "device_ms" in checkpoint:
         row("checkpoint: copy on the device stream", checkpoint["device_ms"], per_batch=False)
     row("checkpoint: background write", checkpoint["write_ms"], per_batch=False)
-    if "health_ms" in figures:
-        row(f"health figures, {options['health_images']} held-out images", figures["health_ms"], per_batch=False)
+    if "health" in figures:
+        health_figures = figures["health"]
+        row(f"health figures, {health_figures['images']} held-out images", health_figures["ms"], per_batch=False)
+        row("  embedding", health_figures["embed_ms"], per_batch=False)
+        row(f"  figures, ({health_figures['images']}, {health_figures['dim']})", health_figures["figures_ms"],
+            per_batch=False)
     if "log_sync_ms" in figures:
         row(f"log sync every {options['log_every']} steps, per step", figures["log_sync_ms"], per_batch=False)
     if "loader_check" in figures:
@@ -362,8 +387,8 @@ def format_table(figures: dict) -> str:
     p = figures["projection"]
     lines += ["", f"projected run: {options['epochs']} epochs x {p['steps_per_epoch']} steps = {p['total_h']:.2f} h "
               f"= {p['total_s'] / 60:.1f} min (training {p['train_s'] / 60:.1f} min, compilation {p['compile_s'] / 60:.1f} "
-              f"min, checkpoints {p['checkpoints_s'] / 60:.1f} min = {p['checkpoint_share']:.1%}, health + log syncs "
-              f"{(p['health_s'] + p['log_sync_s']) / 60:.1f} min = {p.get('monitors_share', 0.0):.1%}, kNN every "
+              f"min, checkpoints {p['checkpoints_s'] / 60:.1f} min = {p['checkpoint_share']:.1%}, health + probe + log syncs "
+              f"{(p['health_s'] + p.get('probe_s', 0.0) + p['log_sync_s']) / 60:.1f} min = {p.get('monitors_share', 0.0):.1%}, kNN every "
               f"{options['knn_every']} epochs {p['knn_s'] / 60:.1f} min = {p['knn_share']:.1%})"]
     return "\n".join(lines)
 
