@@ -11,7 +11,9 @@
 
 It yields :class:`Batch` ``(images, labels)``: ``images`` uint8 (B, 3, H, W) with channels-last
 strides on the requested device, ``labels`` int64 (B,). Each batch is a tensor of its own, which
-the caller may keep: ffcv's reused slot buffers never leave this module.
+the caller may keep: ffcv's reused slot buffers never leave this module. Each batch's labels are
+checked on the host before the copy (:class:`CorruptBatchError` for a label the beton cannot
+hold); :func:`check_batch_labels` checks what arrived on the device, once per evaluation pass.
 
 The copy to a GPU is made here, not by ffcv's ``ToDevice``. ffcv decodes into pinned host slot
 buffers and, with ``ToDevice(non_blocking=True)``, copies them into device slot buffers on its own
@@ -31,6 +33,7 @@ import and makes ffcv set only numba's threads, so torch's threads stay the call
 """
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 from dataclasses import dataclass
@@ -140,19 +143,22 @@ class CorruptBatchError(BetonError):
     """Labels read from a beton that are not the beton's labels: the data was corrupted on its way."""
 
 
+def _outside(labels: torch.Tensor, info: BetonInfo) -> tuple[torch.Tensor, str]:
+    """The mask of ``labels`` that the beton of ``info`` cannot hold, and what it holds."""
+    if info.labelled:
+        return (labels < 0) | (labels >= info.num_classes), f"[0, {info.num_classes})"
+    return labels != UNLABELLED, f"{UNLABELLED} (unlabelled)"
+
+
 def check_batch_labels(labels: torch.Tensor, loader: "BetonLoader") -> None:
     """Raises :class:`CorruptBatchError` naming the first batch whose labels are outside the beton's.
 
-    ``labels`` (N,): the labels of one eval-mode pass of ``loader``, in order. A labelled beton's
-    labels lie in [0, classes); an unlabelled one's are all -1. One host sync.
+    ``labels`` (N,): the labels of one eval-mode pass of ``loader``, in order, on its device (the
+    loader has checked each batch on the host, before the copy: this checks what arrived). A
+    labelled beton's labels lie in [0, classes); an unlabelled one's are all -1. One host sync.
     """
     info, batch_size = loader.info, loader.batch_size
-    if info.labelled:
-        bad = (labels < 0) | (labels >= info.num_classes)
-        expected = f"[0, {info.num_classes})"
-    else:
-        bad = labels != UNLABELLED
-        expected = f"{UNLABELLED} (unlabelled)"
+    bad, expected = _outside(labels, info)
     if not bool(bad.any()):
         return
     first = int(bad.nonzero()[0, 0])
@@ -290,16 +296,35 @@ class BetonLoader:
         iterator = iter(self._loader)
         copier = _DeviceCopier(self.device)
         try:
-            while True:
+            for batch in itertools.count():
                 copier.wait()  # the previous batch's host buffer is read: ffcv may now reuse it
                 pair = _fetch(iterator)
                 if pair is None:
                     return
-                first, second = pair
-                yield copier(first, second) if self._image_first else copier(second, first)
+                images, labels = pair if self._image_first else pair[::-1]
+                self._check_host_labels(labels, batch)
+                yield copier(images, labels)
         finally:  # also when the caller leaves the epoch early (break, signal, exception)
             copier.wait()  # no copy may still read a host buffer that ffcv frees below
             _shut_down(iterator)
+
+
+    def _check_host_labels(self, labels: torch.Tensor, batch: int) -> None:
+        """Raises :class:`CorruptBatchError` when the host batch ``batch`` holds a label the beton
+        cannot hold (a CPU check before the copy: no device sync), naming the batch and the image."""
+        bad, expected = _outside(labels, self.info)
+        if not bool(bad.any()):
+            return
+        position = int(bad.nonzero()[0, 0])
+        if self.train:
+            image = f"position {position} of the batch (epoch {self.epoch - 1}'s order)"
+        else:
+            index = batch * self.batch_size + position
+            image = f"image {index if self.indices is None else int(self.indices[index])}"
+        raise CorruptBatchError(
+            f"batch {batch} of {self.info.path} was decoded with label {int(labels[position])} at {image}, "
+            f"outside {expected}: the beton is corrupt or was read wrongly ({int(bad.sum())} bad label(s) in "
+            "this batch); write it again")
 
 
 class _DeviceCopier:

@@ -55,6 +55,29 @@ def test_test_labels_absent_from_training_are_refused(label_betons, tmp_path, ca
     assert not out.exists()
 
 
+def test_a_corrupt_label_stops_an_evaluation_that_trains_naming_the_batch(label_betons, tmp_path, capsys, monkeypatch):
+    """Fine-tuning trains on batches of a training-mode loader: a label the beton cannot hold stops it
+    with one line naming the batch, before cross-entropy sees it (a device-side assert on a GPU)."""
+    import data_prep.loader as loader_module
+    fetch, fetched = loader_module._fetch, []
+
+    def corrupting(iterator):
+        pair = fetch(iterator)
+        fetched.append(pair is not None)
+        if pair is not None and len(fetched) == 3:  # the third batch read
+            pair[1][2] = 140647037747088  # a value seen on a GPU: an address read as a label
+        return pair
+    monkeypatch.setattr(loader_module, "_fetch", corrupting)
+    out = tmp_path / "finetune.json"
+    args = [*FAST, *_data(label_betons["train"], label_betons["train"]), f"--eval.out={out}",
+            "--finetune.epochs=2", "--finetune.batch_size=8"]
+    assert run_cli(finetune.main, args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert "batch 2 of " in err and "train.beton was decoded with label 140647037747088 at position 2 of the batch" in err
+    assert "outside [0, 2)" in err
+
+
 def test_some_test_classes_missing_from_training_warn(label_betons, tmp_path):
     with pytest.warns(UserWarning, match=r"2 test class\(es\) of .*partial.beton never occur"):
         results = knn_main([*FAST, *_data(label_betons["train"], label_betons["partial"]),

@@ -195,6 +195,24 @@ def test_labels_outside_the_classes_stop_extraction_naming_the_batch(betons, mon
         read_images(every_other)
 
 
+@pytest.mark.parametrize("indices", [None, range(0, 48, 3)])
+def test_each_host_batch_is_checked_before_its_copy(betons, monkeypatch, indices):
+    fetch, fetched = loader_module._fetch, []
+
+    def corrupting(iterator):
+        pair = fetch(iterator)
+        fetched.append(pair)
+        if pair is not None and len(fetched) == 2:
+            pair[1][3] = -7
+        return pair
+    monkeypatch.setattr(loader_module, "_fetch", corrupting)
+    loader = BetonLoader(betons["test"], 4, train=False, num_workers=1, indices=indices)
+    image = 7 if indices is None else 21  # the pass's 8th image: the beton's 7th, or 3 x 7
+    with pytest.raises(CorruptBatchError, match=rf"batch 1 of .*test\.beton was decoded with label -7 at image "
+                                                rf"{image}, outside \[0, 10\)"):
+        list(loader)
+
+
 def test_a_subset_of_a_beton_is_read_in_eval_mode_in_increasing_order(betons):
     whole = read_images(BetonLoader(betons["test"], 48, train=False, num_workers=1))
     chosen = [0, 5, 6, 30, 47]
