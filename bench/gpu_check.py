@@ -161,6 +161,26 @@ def time_probe(step: TrainStep, batch: int, device: torch.device, clock: _Clock,
     return (time.perf_counter() - start) * 1000 / steps
 
 
+def time_difference(step: TrainStep, other: TrainStep, images: torch.Tensor, clock: _Clock, steps: int,
+                    rounds: int = 5) -> dict[str, float]:
+    """How much longer ``step`` takes than ``other`` in steady state: the two timed in turn for
+    ``rounds`` rounds of ``steps`` steps each, so that drift affects both alike; the median of the
+    rounds' differences (``in_step_ms``, not clamped: a negative value says it is within the noise)
+    and the spread of those differences (``spread_ms``, largest minus smallest)."""
+    differences = []
+    for _ in range(rounds):
+        times = []
+        for candidate in (step, other):
+            clock.sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                candidate(images)
+            clock.sync()
+            times.append((time.perf_counter() - start) * 1000 / steps)
+        differences.append(times[0] - times[1])
+    return {"in_step_ms": statistics.median(differences), "spread_ms": max(differences) - min(differences)}
+
+
 def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path, clock: _Clock) -> dict[str, float]:
     """ms of one checkpoint as the trainer takes it every epoch (the second one: the pinned host
     buffers exist): the part that blocks the training thread, the device time of the copy, and the
@@ -180,7 +200,7 @@ def time_checkpoint(step: TrainStep, encoder: torch.nn.Module, folder: Path, clo
             "mb": (folder / "last.pt").stat().st_size / 2**20}
 
 
-def time_health(parts, images: torch.Tensor, clock: _Clock) -> dict[str, float]:
+def time_health(parts, images: torch.Tensor, clock: _Clock) -> dict[str, float | int]:
     """ms of one epoch's health figures: the held-out images embedded in eval mode (``embed_ms``),
     then the figures (``figures_ms``: effective rank, spread, nearest neighbours), and both (``ms``)."""
     amp = parts.train_step.amp_dtype is not None
@@ -258,7 +278,7 @@ def project(figures: dict, options: dict) -> dict[str, float]:
     }
     total = sum(parts.values())
     # the probe runs inside every step: its price is part of the training time, not added to it
-    probe_s = options["epochs"] * steps_per_epoch * figures.get("probe", {}).get("in_step_ms", 0.0) / 1000
+    probe_s = options["epochs"] * steps_per_epoch * max(0.0, figures.get("probe", {}).get("in_step_ms", 0.0)) / 1000
     return {**parts, "total_s": total, "total_h": total / 3600, "steps_per_epoch": steps_per_epoch,
             "probe_s": probe_s, "knn_share": parts["knn_s"] / total, "checkpoint_share": parts["checkpoints_s"] / total,
             "monitors_share": (parts["health_s"] + parts["log_sync_s"] + probe_s) / total}
@@ -286,6 +306,8 @@ def run_check(options: dict) -> dict:
             config = parse_config([*flags, f"--run.compile={int(mode == 'compiled')}"], "", ("cfg", "run"))
             torch.manual_seed(0)
             parts = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
+            if mode == "eager":
+                probed = parts
             figures[mode] = time_step(parts.train_step, images, clock, options["steps"], options["warmup"])
             if clock.cuda:
                 figures[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -296,15 +318,15 @@ def run_check(options: dict) -> dict:
         rounded = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
         figures["eager_proj_bf16"] = time_step(rounded.train_step, images, clock, options["steps"], options["warmup"])
         del rounded
-        # the eager step without the online probe: what the probe adds to a step
+        # the eager step without the online probe: what the probe adds to a step. The probe runs
+        # eagerly beside a compiled step too, so this difference prices it in either.
         config = parse_config([*flags, "--run.compile=0", "--run.probe=0"], "", ("cfg", "run"))
         torch.manual_seed(0)
         unprobed = build_training(config["cfg"], config["run"], device, options["image_size"], num_classes=10)
         figures["eager_no_probe"] = time_step(unprobed.train_step, images, clock, options["steps"], options["warmup"])
-        del unprobed
-        figures["probe"] = {
-            "alone_ms": time_probe(parts.train_step, options["batch_size"], device, clock, options["steps"]),
-            "in_step_ms": max(0.0, figures["eager"]["step_ms"] - figures["eager_no_probe"]["step_ms"])}
+        figures["probe"] = {"alone_ms": time_probe(probed.train_step, options["batch_size"], device, clock, options["steps"]),
+                            **time_difference(probed.train_step, unprobed.train_step, images, clock, options["steps"])}
+        del unprobed, probed
         figures["rank_term_ms"] = time_rank_term(options["batch_size"], options["proj_dim"], device, clock, options["steps"])
         figures["checkpoint"] = time_checkpoint(parts.train_step, parts.encoder, Path(folder), clock)
         figures["log_sync_ms"] = time_log_sync(parts.train_step, images, clock, options["steps"], options["log_every"])
@@ -362,6 +384,7 @@ def format_table(figures: dict) -> str:
     probe, eager_ms = figures["probe"], figures["eager"]["step_ms"]
     row("online probe update alone", probe["alone_ms"], per_batch=False)
     row(f"  in a step ({probe['in_step_ms'] / eager_ms:.1%}, with - without)", probe["in_step_ms"], per_batch=False)
+    lines.append(f"  (median of 5 alternated rounds; their spread {probe['spread_ms']:.2f} ms)")
     for method, ms in figures["rank_term_ms"].items():
         row(f"rank term fwd+bwd, {method}", ms, per_batch=False)
     checkpoint = figures["checkpoint"]

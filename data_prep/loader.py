@@ -164,7 +164,9 @@ def check_batch_labels(labels: torch.Tensor, loader: "BetonLoader") -> None:
     first = int(bad.nonzero()[0, 0])
     batch = first // batch_size
     where = f"images {batch * batch_size}-{min(len(labels), (batch + 1) * batch_size) - 1}"
-    image = first if loader.indices is None else int(loader.indices[first])
+    if loader.indices is not None:  # positions in the pass; the image is named by its index in the beton
+        where += f" of the pass over {len(loader.indices)} chosen"
+    image = f"{first}" if loader.indices is None else f"{int(loader.indices[first])} of the beton"
     raise CorruptBatchError(
         f"batch {batch} ({where}) of {info.path} arrived with label {int(labels[first])} at image {image}, "
         f"outside {expected}: the data was corrupted between the beton and {labels.device} "
@@ -193,10 +195,11 @@ def _check_extents(path: Path, reader, index_start: int) -> None:
                              f"{path.stat().st_size} bytes in all); write it again")
 
 
-def _subset(indices, info: BetonInfo, train: bool) -> np.ndarray:
+def _subset(indices, info: BetonInfo, train: bool, distributed: bool) -> np.ndarray:
     """``indices`` checked against the beton of ``info``: increasing sample indices, as int64."""
-    if train:
-        raise ValueError("a subset of a beton (indices) is read in eval mode only (train=False)")
+    if train or distributed:
+        raise ValueError("a subset of a beton (indices) is read in eval mode only (train=False), by one process "
+                         "(distributed=False)")
     chosen = np.asarray(indices)
     if chosen.ndim != 1 or not np.issubdtype(chosen.dtype, np.integer) or len(chosen) == 0:
         raise ValueError(f"indices must be a non-empty list of sample indices, got shape {chosen.shape} of {chosen.dtype}")
@@ -235,10 +238,10 @@ class BetonLoader:
         self.info = inspect_beton(path)
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
-        self.indices = None if indices is None else _subset(indices, self.info, train)
         self.device = torch.device(device)
         self.train = train
         self.distributed = (train and _distributed()) if distributed is None else distributed
+        self.indices = None if indices is None else _subset(indices, self.info, train, self.distributed)
         self.drop_last = train if drop_last is None else drop_last
         stored = self.info.fixed_size
         if image_size is None and stored is None:
@@ -296,18 +299,17 @@ class BetonLoader:
         iterator = iter(self._loader)
         copier = _DeviceCopier(self.device)
         try:
-            for batch in itertools.count():
+            for batch_index in itertools.count():
                 copier.wait()  # the previous batch's host buffer is read: ffcv may now reuse it
                 pair = _fetch(iterator)
                 if pair is None:
                     return
                 images, labels = pair if self._image_first else pair[::-1]
-                self._check_host_labels(labels, batch)
+                self._check_host_labels(labels, batch_index)
                 yield copier(images, labels)
         finally:  # also when the caller leaves the epoch early (break, signal, exception)
             copier.wait()  # no copy may still read a host buffer that ffcv frees below
             _shut_down(iterator)
-
 
     def _check_host_labels(self, labels: torch.Tensor, batch: int) -> None:
         """Raises :class:`CorruptBatchError` when the host batch ``batch`` holds a label the beton
@@ -316,11 +318,11 @@ class BetonLoader:
         if not bool(bad.any()):
             return
         position = int(bad.nonzero()[0, 0])
-        if self.train:
-            image = f"position {position} of the batch (epoch {self.epoch - 1}'s order)"
+        if self.train:  # epochs counted from 1, as the progress bars count them
+            image = f"position {position} of the batch (the order of epoch {self.epoch})"
         else:
             index = batch * self.batch_size + position
-            image = f"image {index if self.indices is None else int(self.indices[index])}"
+            image = f"image {index if self.indices is None else int(self.indices[index])} of the beton"
         raise CorruptBatchError(
             f"batch {batch} of {self.info.path} was decoded with label {int(labels[position])} at {image}, "
             f"outside {expected}: the beton is corrupt or was read wrongly ({int(bad.sum())} bad label(s) in "

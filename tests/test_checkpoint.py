@@ -90,19 +90,21 @@ def test_a_gpu_snapshot_is_one_asynchronous_copy_into_reused_buffers_awaited_by_
             kwargs = kwargs or {}
             if func is torch.ops.aten.copy_.default:
                 non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-                calls.append(("copy", id(args[0]), args[1].device.type, args[0].device.type, non_blocking))
+                calls.append(("copy", args[0], args[1].device.type, args[0].device.type, non_blocking))
             return func(*args, **kwargs)
+
+    def thread() -> str:
+        return "training" if threading.current_thread() is threading.main_thread() else "writer"
 
     class Event:
         def record(self):
-            calls.append(("record", threading.current_thread().name))
+            calls.append(("record", thread()))
 
         def synchronize(self):
-            calls.append(("synchronize", threading.current_thread().name))
+            calls.append(("synchronize", thread()))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(checkpoint, "save_checkpoint",
-                        lambda path, state: calls.append(("write", threading.current_thread().name, state["step"])))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda path, state: calls.append(("write", thread(), state["step"])))
     writer = CheckpointWriter()
     with FakeTensorMode(allow_non_fake_inputs=True):
         weight, moment = torch.empty(64, 32, device="cuda"), torch.empty(64, 32, device="cuda")
@@ -110,13 +112,13 @@ def test_a_gpu_snapshot_is_one_asynchronous_copy_into_reused_buffers_awaited_by_
             with Copies():
                 writer.save(tmp_path / "last.pt", {"model": {"w": weight}, "optimizer": [moment], "step": step})
             writer.wait()
-    buffers = {call[1] for call in calls if call[0] == "copy"}
-    training = threading.current_thread().name
-    assert len(buffers) == 2 and len(calls) == 10  # the second save reuses the first one's two buffers
+    assert len(calls) == 10 and [call[0] for call in calls[:2] + calls[5:7]] == ["copy"] * 4
+    first, second = calls[0:2], calls[5:7]
+    assert all(a[1] is b[1] for a, b in zip(first, second))  # the second save copies into the first one's buffers
+    assert first[0][1] is not first[1][1]
     for start, step in ((0, 1), (5, 2)):
-        copies, rest = calls[start:start + 2], calls[start + 2:start + 5]
-        assert {c[1] for c in copies} == buffers and all(c[2:] == ("cuda", "cpu", True) for c in copies)
-        assert rest == [("record", training), ("synchronize", "checkpoint-writer"), ("write", "checkpoint-writer", step)]
+        assert all(copy[2:] == ("cuda", "cpu", True) for copy in calls[start:start + 2])
+        assert calls[start + 2:start + 5] == [("record", "training"), ("synchronize", "writer"), ("write", "writer", step)]
 
 
 def test_mismatch_summary_names_the_offending_keys():

@@ -74,7 +74,8 @@ def test_a_corrupt_label_stops_an_evaluation_that_trains_naming_the_batch(label_
     assert run_cli(finetune.main, args) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and not out.exists()
-    assert "batch 2 of " in err and "train.beton was decoded with label 140647037747088 at position 2 of the batch" in err
+    assert "batch 2 of " in err and "train.beton was decoded with label 140647037747088 at position 2 of the batch " \
+        "(the order of epoch 1)" in err
     assert "outside [0, 2)" in err
 
 

@@ -28,7 +28,7 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     assert _positive(written["eager_proj_bf16"]["step_ms"])  # prices the float32 projector tail
     assert _positive(written["loader_ms"]) and _positive(written["probe"]["alone_ms"])
     assert _positive(written["eager_no_probe"]["step_ms"])  # the probe's price inside a step
-    assert written["probe"]["in_step_ms"] == pytest.approx(max(0.0, eager["step_ms"] - written["eager_no_probe"]["step_ms"]))
+    assert math.isfinite(written["probe"]["in_step_ms"]) and written["probe"]["spread_ms"] >= 0
     assert set(written["rank_term_ms"]) and all(_positive(ms) for ms in written["rank_term_ms"].values())
     checkpoint = written["checkpoint"]
     assert 0 < checkpoint["blocking_ms"] <= checkpoint["write_ms"] and checkpoint["mb"] > 0
@@ -45,9 +45,9 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     assert knn["fixed_s"] <= knn["first_s"]  # start-up costs are counted once, not scaled by the image count
     health = written["health"]
     assert _positive(health["embed_ms"]) and _positive(health["figures_ms"]) and written["log_sync_ms"] >= 0
-    assert health["ms"] >= health["embed_ms"] + health["figures_ms"] - 1e-6 and health["dim"] == 32
+    assert health["ms"] == pytest.approx(health["embed_ms"] + health["figures_ms"]) and health["dim"] == 32
     assert projection["health_s"] == pytest.approx(10 * health["ms"] / 1000)
-    assert projection["probe_s"] == pytest.approx(10 * 10 * written["probe"]["in_step_ms"] / 1000)
+    assert projection["probe_s"] == pytest.approx(10 * 10 * max(0.0, written["probe"]["in_step_ms"]) / 1000)
     assert projection["monitors_share"] == pytest.approx(
         (projection["health_s"] + projection["probe_s"] + projection["log_sync_s"]) / projection["total_s"])
     assert written["loader_check"] == {"passes": 3, "images_compared": 3 * (48 + 9), "mismatches": 0}

@@ -190,14 +190,17 @@ def test_labels_outside_the_classes_stop_extraction_naming_the_batch(betons, mon
                                                 r"3820580758807316397 at image 37, outside \[0, 10\)"):
         extract_features(_backbone(), loader, _transform())
     every_other = BetonLoader(betons["test"], 4, train=False, num_workers=1, indices=range(1, 48, 2))
-    with pytest.raises(CorruptBatchError, match=r"batch 2 \(images 8-11\) of .*arrived with label 3820580758807316397 "
-                                                r"at image 19, outside"):  # the beton's index of the pass's 10th image
+    with pytest.raises(CorruptBatchError, match=r"batch 2 \(images 8-11 of the pass over 24 chosen\) of .*arrived with "
+                                                r"label 3820580758807316397 at image 19 of the beton, outside"):
         read_images(every_other)
 
 
 @pytest.mark.parametrize("indices", [None, range(0, 48, 3)])
 def test_each_host_batch_is_checked_before_its_copy(betons, monkeypatch, indices):
-    fetch, fetched = loader_module._fetch, []
+    fetch, fetched, copied = loader_module._fetch, [], []
+    copy = loader_module._DeviceCopier.__call__
+    monkeypatch.setattr(loader_module._DeviceCopier, "__call__",
+                        lambda self, images, labels: (copied.append(labels.clone()), copy(self, images, labels))[1])
 
     def corrupting(iterator):
         pair = fetch(iterator)
@@ -209,8 +212,11 @@ def test_each_host_batch_is_checked_before_its_copy(betons, monkeypatch, indices
     loader = BetonLoader(betons["test"], 4, train=False, num_workers=1, indices=indices)
     image = 7 if indices is None else 21  # the pass's 8th image: the beton's 7th, or 3 x 7
     with pytest.raises(CorruptBatchError, match=rf"batch 1 of .*test\.beton was decoded with label -7 at image "
-                                                rf"{image}, outside \[0, 10\)"):
+                                                rf"{image} of the beton, outside \[0, 10\)"):
         list(loader)
+    assert len(copied) == 1 and -7 not in copied[0]  # the corrupt batch was never copied
+    with pytest.raises(ValueError, match="by one process"):
+        BetonLoader(betons["test"], 4, train=False, num_workers=1, indices=[0, 1], distributed=True)
 
 
 def test_a_subset_of_a_beton_is_read_in_eval_mode_in_increasing_order(betons):

@@ -59,7 +59,7 @@ from measure.monitor import KnnMonitor
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.cluster import StopFlag, requeue, slurm_job_id
 from train.loss import simmer_loss
-from train.methods import get_method
+from train.methods import Method, get_method
 from train.model import build_encoder_from_cfg
 from train.probe import OnlineProbe
 from train.rundir import RunDir
@@ -628,7 +628,8 @@ def _divergence(state: _LoopState, epoch: int, detail: str) -> str:
             f"checkpoint {state.checkpoint_path} is kept. {_method(state).advice('Lower cfg.lr')}.")
 
 
-def _method(state: _LoopState):
+def _method(state: _LoopState) -> Method:
+    """The self-supervised method the run trains (train.methods)."""
     return get_method(state.cfg.get("method", "simmer"))
 
 
