@@ -120,7 +120,8 @@ def too_few_steps(protocol: str, images: int, batch_size: int, epochs: int, mini
         return None
     clamped = f", the batch clamped to the {images} training images" if batch_size >= images else ""
     batches = "batch" if per_epoch == 1 else "batches"
-    message = (f"{protocol} gets only {steps} optimiser steps ({epochs} epochs x {per_epoch} {batches} of "
+    epochs_word = "epoch" if epochs == 1 else "epochs"
+    message = (f"{protocol} gets only {steps} optimiser steps ({epochs} {epochs_word} x {per_epoch} {batches} of "
                f"{batch}{clamped}); fewer than {minimum}")
     small = min(small_batch, batch)
     small_per_epoch = steps_per_epoch(images, small)

@@ -160,6 +160,7 @@ def test_finetune_warns_when_it_gets_too_few_steps():
     assert "--finetune.batch_size=128" in message and "--finetune.epochs=" in message
     assert finetune.too_few_steps(4000, 512, 40) is None  # the paper's 40-shot protocol: 8 x 40 = 320 steps
     assert finetune.too_few_steps(1437, 128, 40) is None
+    assert "(1 epoch x 3 batches of 512)" in finetune.too_few_steps(1437, 512, 1)
     small = finetune.too_few_steps(64, 16, 15)  # already a small batch: only more epochs are advised
     assert "--finetune.batch_size=16 --finetune.epochs=50 (200 steps)" in small
 
