@@ -215,7 +215,27 @@ def time_health(parts, images: torch.Tensor, clock: _Clock) -> dict[str, float |
     clock.sync()
     end = time.perf_counter()
     return {"ms": (end - start) * 1000, "embed_ms": (embedded - start) * 1000, "figures_ms": (end - embedded) * 1000,
-            "images": len(images), "dim": embeddings.shape[1]}
+            "images": len(images), "dim": embeddings.shape[1],
+            "singular_values_ms": time_singular_values(embeddings.detach().float(), clock)}
+
+
+def time_singular_values(x: torch.Tensor, clock: _Clock) -> dict[str, float]:
+    """ms of the singular values of ``x`` (N, D) that the effective rank needs: ``svdvals`` in float32
+    (what :func:`measure.health.effective_rank` computes) against the eigenvalues of the float64 Gram
+    matrix (``eigvalsh``; as accurate, and on a GPU possibly faster: the figure decides)."""
+    def gram() -> torch.Tensor:
+        wide = x.double()
+        return torch.linalg.eigvalsh(wide.T @ wide if x.shape[1] <= x.shape[0] else wide @ wide.T).clamp_min(0).sqrt()
+
+    result = {}
+    for name, compute in (("svdvals", lambda: torch.linalg.svdvals(x)), ("gram_eigvalsh_float64", gram)):
+        compute()
+        clock.sync()
+        start = time.perf_counter()
+        compute()
+        clock.sync()
+        result[name] = (time.perf_counter() - start) * 1000
+    return result
 
 
 def time_log_sync(step: TrainStep, images: torch.Tensor, clock: _Clock, steps: int, every: int) -> float:
@@ -398,6 +418,9 @@ def format_table(figures: dict) -> str:
         row("  embedding", health_figures["embed_ms"], per_batch=False)
         row(f"  figures, ({health_figures['images']}, {health_figures['dim']})", health_figures["figures_ms"],
             per_batch=False)
+        labels = {"svdvals": "svdvals (used)", "gram_eigvalsh_float64": "fp64 Gram"}
+        for method, ms in health_figures["singular_values_ms"].items():
+            row(f"    singular values: {labels.get(method, method)}", ms, per_batch=False)
     if "log_sync_ms" in figures:
         row(f"log sync every {options['log_every']} steps, per step", figures["log_sync_ms"], per_batch=False)
     if "loader_check" in figures:

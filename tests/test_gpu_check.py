@@ -46,6 +46,8 @@ def test_tiny_cpu_check_measures_every_stage_and_projects_the_run(tmp_path, caps
     health = written["health"]
     assert _positive(health["embed_ms"]) and _positive(health["figures_ms"]) and written["log_sync_ms"] >= 0
     assert health["ms"] == pytest.approx(health["embed_ms"] + health["figures_ms"]) and health["dim"] == 32
+    assert set(health["singular_values_ms"]) == {"svdvals", "gram_eigvalsh_float64"}
+    assert all(_positive(ms) for ms in health["singular_values_ms"].values())
     assert projection["health_s"] == pytest.approx(10 * health["ms"] / 1000)
     assert projection["probe_s"] == pytest.approx(10 * 10 * max(0.0, written["probe"]["in_step_ms"]) / 1000)
     assert projection["monitors_share"] == pytest.approx(
