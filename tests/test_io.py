@@ -50,9 +50,16 @@ LONG = "n" * 256  # one byte over what a file or folder name may hold
 
 @pytest.mark.parametrize("tool", ["write_beton_out_dir", "write_beton_shots_file", "knn_out", "export_out",
                                   "export_run_dir", "pretrain_run_dir"])
-def test_a_name_over_255_bytes_is_one_line_before_any_work(betons, tmp_path, capsys, tool):
+def test_a_name_over_255_bytes_is_one_line_before_any_work(betons, tmp_path, capsys, monkeypatch, tool):
+    import eval.knn
+    import train.export
     from core.config import run_cli
     from data_fixtures import tiny_args
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work began before the name was refused")
+    monkeypatch.setattr(eval.knn, "evaluate_knn", no_work)
+    monkeypatch.setattr(train.export, "atomic_write", no_work)
 
     if tool.startswith("write_beton"):
         from data_prep.write_beton import main
@@ -72,11 +79,12 @@ def test_a_name_over_255_bytes_is_one_line_before_any_work(betons, tmp_path, cap
     else:
         from train.pretrain import main
         argv = tiny_args(betons, tmp_path / LONG / "run")
+    before = sorted(tmp_path.rglob("*"))
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(r"the name '\w+\.\.\.\w+(\.json|\.beton)?' is 2[56]\d bytes long; file systems allow 255", err), err
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".beton"] == []
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written: no beton, no folder, no temporary
 
 
 def test_an_os_error_of_the_machine_is_one_line_and_a_bug_keeps_its_traceback(capsys):
