@@ -300,12 +300,13 @@ def new_config() -> Config:
     return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested dict as one level, keys joined by dots: ``{"cfg": {"K": 4}}`` -> ``{"cfg.K": 4}``."""
     flat = {}
     for key, value in tree.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict):
-            flat.update(_flatten(value, path))
+            flat.update(flatten(value, path))
         else:
             flat[path] = value
     return flat
@@ -333,7 +334,7 @@ def _load_yaml(path: str, known: set[str]) -> dict[str, object]:
     if not isinstance(content, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
     sections = {key.split(".", 1)[0] for key in known}
-    flat = {key: value for key, value in _flatten(content).items()
+    flat = {key: value for key, value in flatten(content).items()
             if not (key in sections and value is None)}  # a section whose keys are all commented out
     unknown = sorted(set(flat) - known)
     if unknown:

@@ -34,7 +34,6 @@ from core.io import atomic_write
 from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, backbone_state
 
 
-
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the current config."""
 

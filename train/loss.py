@@ -116,8 +116,6 @@ def _nearest_neighbour_dist2(zbar: torch.Tensor) -> torch.Tensor:
     return (zbar - zbar[idx]).pow(2).sum(-1)
 
 
-
-
 def total_variance(z: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Total variance across views (paper eq. 2).
 
@@ -168,7 +166,7 @@ def rank_loss(
     - ``"newton_schulz"``: matmuls and elementwise ops only, a fixed number of them,
       so nothing waits for the device (no linalg call, no ``.item()``) and ``torch.compile``
       sees plain matmuls. On the small side (n = m rows, transposing when B > D), a
-      Newton–Schulz iteration (13 odd-quintic steps, 14 for float64; see ``_NS_STEPS``) gives
+      Newton–Schulz iteration (13 odd-quintic steps, 14 for float64; see ``train.newton_schulz._NS_STEPS``) gives
       the polar factor ``Q ≈ U Vᵀ``, and ``Σσ = ⟨Q, A⟩`` with Q held constant, whose gradient
       is Q: the nuclear norm's gradient, finite at repeated and zero singular values (a zero
       σ contributes a zero direction: the minimum-norm subgradient). σ_max and σ_min come from
@@ -338,7 +336,7 @@ def vicreg_loss(
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = _upcast(z)
         K = z.shape[0]
-        invariance = (2.0 * K / (K - 1)) * (z - z.mean(0, keepdim=True)).pow(2).mean()
+        invariance = (2.0 * K / (K - 1)) * total_variance(z)  # the mean over pairs of their squared distance
         z = _gather_views(z)
         n, D = z.shape[1], z.shape[2]
         centred = z - z.mean(1, keepdim=True)  # (K, N, D)

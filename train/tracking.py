@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from core.config import ConfigError, UserError
+from core.config import ConfigError, UserError, flatten
 from core.io import folder_problem
 
 LOGGERS = ("tensorboard", "wandb", "none")
@@ -150,7 +150,7 @@ class Tracker:
         from torch.utils.tensorboard.summary import hparams
 
         flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                for key, value in _flatten(self._config).items()}
+                for key, value in flatten(self._config).items()}
         for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
             self._tensorboard.file_writer.add_summary(summary)
 
@@ -172,14 +172,6 @@ class Tracker:
 
 
 HPARAM_METRICS = ("epoch/knn_top1", "epoch/knn_top5", "epoch/probe_test_top1", "epoch/probe_train_top1")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        flat.update(_flatten(value, name) if isinstance(value, dict) else {name: value})
-    return flat
 
 
 def _as_markdown(config: dict) -> str:

@@ -58,14 +58,12 @@ from measure.health import health, held_out_images
 from measure.monitor import KnnMonitor
 from train.checkpoint import CheckpointWriter, check_compatible, load_checkpoint, rng_state, save_backbone, set_rng_state
 from train.cluster import StopFlag, requeue, slurm_job_id
-from train.loss import simmer_loss
 from train.methods import Method, get_method
 from train.model import build_encoder_from_cfg
 from train.probe import OnlineProbe
 from train.rundir import RunDir
 from train.tracking import Tracker, check_wandb_login, parse_loggers, views_grid
 
-LOSS_NAMES = get_method("simmer").log_names  # ("loss", "tv", "entropy", "rank"); other methods: TrainStep.loss_names
 LOSS_FORMATS = {"entropy": ".3f", "rank": ".1f"}  # how the progress bar and the epoch line print a part (else .4f)
 LOSS_SHORT = {"entropy": "H", "rank": "R"}  # the progress bar's short names
 
@@ -97,6 +95,7 @@ def pretrain(config: dict, stop: StopFlag | None = None) -> dict:
             summary = _completed(config, resume, rank == 0, world)
             if summary is not None:
                 return summary
+            stop.requested = _agreed(stop.requested, world, device)  # every rank stops, or none
             if stop.requested:  # a signal during start-up: nothing trained, nothing to save
                 return _stopped_before_training(config, resume, stop, rank == 0)
             tracker = _start_tracker(config, rank, resume)  # before config.yaml: a failed start leaves no files
@@ -326,8 +325,8 @@ def build_training(cfg: dict, run: dict, device: torch.device, image_size: int, 
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if (device.type == "cuda") if run["compile"] == -1 else bool(run["compile"]):
         model, loss_fn = torch.compile(model), torch.compile(method.loss)
-    train_step = TrainStep(model, augment, optimizer, scaler, autocast_dtype if use_amp else None, loss_fn, probe,
-                           method.log_names, method.predictor, **method.options(cfg))
+    train_step = TrainStep(model, augment, optimizer, scaler, autocast_dtype if use_amp else None, loss_fn,
+                           method.log_names, probe, method.predictor, **method.options(cfg))
     return TrainingParts(encoder, model, augment, build_eval_transform(preset).to(device), optimizer, scaler, train_step)
 
 
@@ -365,9 +364,8 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, augment: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn=simmer_loss,
-                 probe: OnlineProbe | None = None, loss_names: tuple[str, ...] = LOSS_NAMES, predict: bool = False,
-                 **loss_options):
+                 scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, loss_fn, loss_names: tuple[str, ...],
+                 probe: OnlineProbe | None = None, predict: bool = False, **loss_options):
         self.model, self.augment, self.optimizer, self.scaler = model, augment, optimizer, scaler
         self.amp_dtype, self.loss_fn, self.loss_options, self.probe = amp_dtype, loss_fn, loss_options, probe
         self.loss_names, self.predict = tuple(loss_names), predict
@@ -502,7 +500,7 @@ def _train(state: _LoopState, stop: StopFlag) -> dict:
         print(f"training epochs {state.start_epoch + 1}-{epochs} of {state.steps_per_epoch} steps "
               f"on {state.device} ({state.world} process{'es' if state.world > 1 else ''})", flush=True)
     for epoch in range(state.start_epoch, epochs):
-        if _agreed(state, stop.requested):  # a signal before this epoch's first step (or before the loop)
+        if _agreed(stop.requested, state.world, state.device):  # a signal before this epoch's first step (or before the loop)
             state.interrupted = True
             if state.is_main:
                 held = (f"the checkpoint {state.checkpoint_path} holds epoch {epoch}"
@@ -523,11 +521,11 @@ def _train(state: _LoopState, stop: StopFlag) -> dict:
     return summary
 
 
-def _agreed(state: _LoopState, flag: bool) -> bool:
+def _agreed(flag: bool, world: int, device: torch.device) -> bool:
     """``flag`` of any rank (one collective under torchrun)."""
-    if state.world == 1:
+    if world == 1:
         return flag
-    value = torch.tensor([float(flag)], device=state.device)
+    value = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(value)
     return bool(value.item())
 
@@ -580,10 +578,8 @@ def _run_epoch(state: _LoopState, epoch: int, stop: StopFlag) -> _Epoch:
             if sync_now:
                 _sync_point(state, epoch, losses, bar, window_images / max(time.perf_counter() - window_start, 1e-9))
                 window_start, window_images = time.perf_counter(), 0
-            if state.world > 1 and sync_now:  # ranks agree on stopping at the sync points only
-                flag = torch.tensor([float(stop.requested)], device=state.device)
-                torch.distributed.all_reduce(flag)
-                stop.requested = bool(flag.item())
+            if sync_now:  # ranks agree on stopping at the sync points only
+                stop.requested = _agreed(stop.requested, state.world, state.device)
             if stop.requested and result.done < total and (state.world == 1 or sync_now):
                 result.stopped = True
                 break
