@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -172,28 +173,40 @@ def test_sbatch_templates_signal_only_their_own_jobs_workers():
         assert "pkill" not in text and "train/pretrain.py" in text
     multinode = (REPO / "slurm" / "pretrain_multinode.sbatch").read_text()
     assert "--rdzv-backend=c10d" in multinode and "--nnodes=" in multinode and "srun --overlap" in multinode
-    # signal_workers.sh reaches this job's torchrun workers, neither torchrun nor another job's workers
+    # signal_workers.sh reaches this job's torchrun workers, neither torchrun, nor a worker's child
+    # (a compile worker: it inherits the worker's environment), nor another job's workers
     waiter = "trap 'echo got > \"$MARK\"; exit 0' USR1; while :; do sleep 0.05; done"
+    child_mark = Path(f"/tmp/signal_workers_{os.getpid()}_child")
+    child_mark.unlink(missing_ok=True)
+    with_child = f"MARK={child_mark} bash -c {shlex.quote(waiter)} & echo $! > {child_mark}.pid; {waiter}"
     processes = {}
     for name, job, local_rank in (("worker", "4242", "0"), ("launcher", "4242", None), ("other_job", "77", "0")):
         env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "MARK": f"/tmp/signal_workers_{os.getpid()}_{name}"}
         if local_rank is not None:
             env["LOCAL_RANK"] = local_rank
         Path(env["MARK"]).unlink(missing_ok=True)
-        processes[name] = (subprocess.Popen(["bash", "-c", waiter], env=env), Path(env["MARK"]))
+        command = with_child if name == "worker" else waiter
+        processes[name] = (subprocess.Popen(["bash", "-c", command], env=env), Path(env["MARK"]))
     time.sleep(0.3)  # the traps are set
+    child = int(Path(f"{child_mark}.pid").read_text())
     try:
         result = subprocess.run([str(REPO / "slurm" / "signal_workers.sh"), "USR1"], capture_output=True, text=True,
                                 env={**os.environ, "SLURM_JOB_ID": "4242"}, timeout=60)
-        assert result.returncode == 0 and "sent SIGUSR1 to 1 training process(es) of job 4242" in result.stderr
+        assert result.returncode == 0 and result.stderr.startswith("signal_workers.sh: sent SIGUSR1 to 1 training "
+                                                                   "process(es) of job 4242")  # and nothing else
         assert processes["worker"][0].wait(timeout=10) == 0 and processes["worker"][1].read_text() == "got\n"
         time.sleep(0.2)
         assert processes["launcher"][0].poll() is None and processes["other_job"][0].poll() is None
+        assert not child_mark.exists() and Path(f"/proc/{child}").exists()  # the worker's child was not signalled
     finally:
         for process, mark in processes.values():
             process.kill()
             process.wait()
             mark.unlink(missing_ok=True)
+        if Path(f"{child_mark}.pid").exists():
+            subprocess.run(["kill", "-9", Path(f"{child_mark}.pid").read_text().strip()], capture_output=True)
+            Path(f"{child_mark}.pid").unlink()
+        child_mark.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
