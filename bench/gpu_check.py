@@ -47,7 +47,7 @@ from data_prep.loader import BetonLoader  # noqa: E402
 from data_prep.sources import load_synthetic  # noqa: E402
 from data_prep.writer import write_betons  # noqa: E402
 from measure.features import embed_images, feature_batch  # noqa: E402
-from measure.health import health  # noqa: E402
+from measure.health import health, held_out_images  # noqa: E402
 from measure.monitor import KnnMonitor, compare_reads, read_checksums  # noqa: E402
 from train.checkpoint import CheckpointWriter  # noqa: E402
 from train.loss import rank_loss  # noqa: E402
@@ -361,7 +361,8 @@ def run_check(options: dict) -> dict:
             clock.sync()
             seconds.append(time.perf_counter() - start)
         monitor_images = sum(loader.num_samples for loader in monitor.loaders)
-        held_out = next(iter(monitor.loaders[1])).images[:options["health_images"]]
+        held_out = held_out_images({"train_beton": beton, "test_beton": test_beton, "num_workers": 0},
+                                   options["health_images"], options["image_size"], device)  # the trainer's own choice
         figures["health"] = time_health(parts, held_out, clock)
         read_s_per_image = figures["loader_ms"] / 1000 / options["batch_size"]  # decoding, at the loader's rate
         figures["knn"] = {"first_s": seconds[0], "seconds": seconds[1], "images": monitor_images,
