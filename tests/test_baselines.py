@@ -217,6 +217,26 @@ def test_every_declared_method_has_a_loss_and_its_parts():
     assert get_method("simmer").log_names == ("loss", "tv", "entropy", "rank")  # SimMER's log keys are unchanged
 
 
+@pytest.mark.parametrize("flags, options", [
+    (("--cfg.method=vicreg", "--cfg.vicreg_sim=20", "--cfg.vicreg_var=30", "--cfg.vicreg_cov=2"),
+     {"sim_weight": 20.0, "var_weight": 30.0, "cov_weight": 2.0}),
+    (("--cfg.method=barlow_twins", "--cfg.barlow_lambda=0.01"), {"lambd": 0.01}),
+    (("--cfg.method=simclr", "--cfg.temperature=0.2"), {"temperature": 0.2}),
+    (("--cfg.method=simsiam",), {}),
+])
+def test_the_methods_flags_reach_the_training_step(flags, options):
+    from core.config import parse_config
+    from train.trainer import build_training
+
+    config = parse_config(["--cfg.arch=test_resnet", "--cfg.proj_dim=32", "--run.compile=0", *flags], "", ("cfg", "run"))
+    step = build_training(config["cfg"], config["run"], torch.device("cpu"), 16).train_step
+    assert step.loss_options == options and step.loss_names == get_method(config["cfg"]["method"]).log_names
+    z = torch.randn(2, 8, 32)
+    method = get_method(config["cfg"]["method"])
+    arguments = (z, torch.randn(2, 8, 32)) if method.predictor else (z,)
+    assert torch.equal(step.loss_fn(*arguments, **step.loss_options)[0], method.loss(*arguments, **options)[0])
+
+
 def test_each_method_names_its_own_weights_when_a_run_goes_wrong():
     class Reads(dict):
         def __missing__(self, key):
