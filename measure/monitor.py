@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.config import ConfigError
-from data_prep.loader import BetonLoader, CorruptBatchError, inspect_beton
+from data_prep.loader import BetonLoader, CorruptBatchError
 from measure.features import embed_images, extract_features, feature_batch, image_checksums, read_images
 from measure.knn import check_label_sets, knn_accuracy
 
@@ -58,16 +58,16 @@ class KnnMonitor:
 
     def __init__(self, train_beton, test_beton, device: torch.device, image_size: int, num_workers: int = 0,
                  k: int = 200, temperature: float = 0.1, verify: bool = False, cache_bytes: int | None = None) -> None:
-        train_info, test_info = inspect_beton(train_beton), inspect_beton(test_beton)
+        self.device, self.k, self.temperature, self.verify = device, k, temperature, verify
+        self.batch_size = feature_batch(device, image_size)
+        self.loaders = tuple(BetonLoader(path, self.batch_size, train=False, device=device, num_workers=num_workers,
+                                         image_size=image_size) for path in (train_beton, test_beton))
+        train_info, test_info = (loader.info for loader in self.loaders)
         if not test_info.labelled:
             raise ConfigError(f"the kNN monitor needs a labelled test beton; {test_info.path} is unlabelled "
                               "(set run.knn_every=0, or name a labelled data.test_beton)")
         check_label_sets(train_info, test_info)
-        self.device, self.k, self.temperature, self.verify = device, k, temperature, verify
         self.num_classes = max(train_info.num_classes, test_info.num_classes)
-        self.batch_size = feature_batch(device, image_size)
-        self.loaders = tuple(BetonLoader(path, self.batch_size, train=False, device=device, num_workers=num_workers,
-                                         image_size=image_size) for path in (train_beton, test_beton))
         images = train_info.num_samples + test_info.num_samples
         budget = CACHE_BYTES[device.type] if cache_bytes is None else cache_bytes
         self.cached = images * 3 * image_size * image_size <= budget
