@@ -43,15 +43,16 @@ def nearest_neighbour_index(x: torch.Tensor) -> torch.Tensor:
         return d2.masked_fill(eye, math.inf).argmin(1)
 
 
-def effective_rank(x: torch.Tensor) -> torch.Tensor:
+def effective_rank(x: torch.Tensor, singular_values: torch.Tensor | None = None) -> torch.Tensor:
     """Effective rank ``exp(-Σ p_i log p_i)`` with ``p_i = σ_i / Σσ`` (Roy & Vetterli, 2007).
 
     x: (B, D) -> scalar float32, no gradient. Between 1 and min(B, D); 0 for a zero matrix.
+    ``singular_values``: x's, when the caller has them (``torch.linalg.svdvals`` in float32).
     For logging only; local (not gathered across ranks).
     """
     check_embeddings(x)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        s = torch.linalg.svdvals(x.detach().float())
+        s = torch.linalg.svdvals(x.detach().float()) if singular_values is None else singular_values.float()
         total = s.sum()
         p = s / total.clamp_min(1e-30)
         plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
@@ -66,7 +67,8 @@ def nearest_neighbour_distance(x: torch.Tensor) -> torch.Tensor:
         return (x - x[nearest_neighbour_index(x)]).pow(2).sum(-1).sqrt().mean()
 
 
-def health(embeddings: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]:
+def health(embeddings: torch.Tensor, peak_rank: float = 0.0,
+           singular_values: torch.Tensor | None = None) -> dict[str, float]:
     """Collapse indicators of embeddings (N, D): mean per-dimension std, effective rank, mean NN distance.
 
     The log keys keep the ``zbar_`` names whatever the embeddings are (held-out images or the
@@ -78,7 +80,7 @@ def health(embeddings: torch.Tensor, peak_rank: float = 0.0) -> dict[str, float]
     x = embeddings.detach().float()
     figures = {
         "zbar_std": x.std(dim=0).mean().item(),
-        "zbar_effective_rank": effective_rank(x).item(),
+        "zbar_effective_rank": effective_rank(x, singular_values).item(),
         "zbar_nn_distance": nearest_neighbour_distance(x).item(),
     }
     rank = figures["zbar_effective_rank"]

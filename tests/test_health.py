@@ -76,6 +76,8 @@ def test_health_figures_match_hand_computed_values():
     figures = health(zbar)
     assert figures["zbar_effective_rank"] == pytest.approx(2 ** 1.75, rel=1e-4)
     assert figures["collapsed"] is False
+    given = health(zbar, singular_values=torch.tensor([4.0, 2.0, 1.0, 1.0]))  # the spectrum the trainer has
+    assert given["zbar_effective_rank"] == pytest.approx(2 ** 1.75, rel=1e-6)
     # Three points (0, 0), (3, 0), (3, 4): nearest-neighbour distances 3, 3, 4.
     points = health(torch.tensor([[0.0, 0.0], [3.0, 0.0], [3.0, 4.0]]))
     assert points["zbar_nn_distance"] == pytest.approx(10 / 3, rel=1e-4)

@@ -652,12 +652,13 @@ def _end_epoch(state: _LoopState, epoch: int, result: _Epoch) -> bool:
             "step": state.step}
     embeddings = _health_embeddings(state, result) if state.is_main else None
     if embeddings is not None:
-        line.update(health(embeddings, state.peak_rank))
+        # the spectrum once: the effective rank's, and the loggers' histogram of it
+        singular_values = torch.linalg.svdvals(embeddings.detach().float()) if state.tracker.active else None
+        line.update(health(embeddings, state.peak_rank, singular_values))
         if state.health_images is not None:
             line["health_images"] = len(embeddings)
-        if state.tracker.active:
-            singular_values = torch.linalg.svdvals(embeddings.detach().float()).cpu()
-            state.tracker.histogram("epoch/zbar_singular_values", singular_values, state.step)
+        if singular_values is not None:
+            state.tracker.histogram("epoch/zbar_singular_values", singular_values.cpu(), state.step)
         state.peak_rank = max(state.peak_rank, line["zbar_effective_rank"])
         if line["collapsed"] and state.is_main:
             warnings.warn(f"epoch {epoch + 1}: the representation looks collapsed (effective rank of zbar "
