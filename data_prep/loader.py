@@ -180,8 +180,10 @@ def _check_extents(path: Path, reader, index_start: int) -> None:
     where its index starts, or with its last index entries cut, would crash the process (SIGSEGV)
     at the first batch instead of raising an error.
     """
+    from ffcv.types import HeaderType
+
     table = reader.alloc_table
-    data_start = reader.metadata.nbytes + reader.field_descriptors.nbytes
+    data_start = HeaderType.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes  # ffcv's layout
     if len(table) and (int(table["ptr"].min()) < data_start
                        or int((table["ptr"] + table["size"]).max()) > index_start):
         raise BetonError(f"{path} is truncated or corrupt: its index points outside the data region")

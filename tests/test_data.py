@@ -378,6 +378,16 @@ def test_a_beton_cut_in_its_index_is_one_line_not_a_crash(tmp_path):
         (tmp_path / f"{name}.beton").write_bytes(data[:keep])
         with pytest.raises(BetonError, match="is truncated or corrupt: its index lacks"):
             inspect_beton(tmp_path / f"{name}.beton")
+    # an index entry that points into the samples' descriptions, or past the index's start
+    from ffcv.reader import Reader
+    reader = Reader(str(tmp_path / "synthetic_train.beton"))
+    data_start = HeaderType.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    for name, field, value in (("into_the_descriptions", "ptr", data_start - 8), ("past_the_index", "size", len(data))):
+        table = np.frombuffer(data[index_start:], dtype=ALLOC_TABLE_TYPE).copy()
+        table[0][field] = value
+        (tmp_path / f"{name}.beton").write_bytes(data[:index_start] + table.tobytes())
+        with pytest.raises(BetonError, match="is truncated or corrupt: its index points outside the data region"):
+            inspect_beton(tmp_path / f"{name}.beton")
     root = Path(__file__).resolve().parents[1]
     commands = [[sys.executable, "data_prep/inspect_beton.py", str(tmp_path / "one_entry.beton")],
                 [sys.executable, "train/pretrain.py", f"--data.train_beton={tmp_path / 'at_the_index.beton'}",
