@@ -27,7 +27,10 @@ from measure.knn import check_label_sets
 from train.checkpoint import CheckpointError, load_checkpoint, mismatch_summary
 from train.model import ENCODER_DEFAULTS, ENCODER_KEYS, build_encoder_from_cfg
 
-EVAL_SECTIONS = ("eval", "cfg", *DATA_READING)  # not the conversion-only data.* flags of write_beton.py
+EVAL_SECTIONS = ("eval", *(f"cfg.{key}" for key in (*ENCODER_KEYS, "seed")), *DATA_READING)
+"""What the protocols read: their own section, the cfg keys of the encoder (for a random one; a
+checkpoint brings its own) and the seed, and the beton-reading data.* keys. Pretraining's loss and
+optimiser flags and write_beton.py's conversion flags are not theirs (a config file may hold them)."""
 
 
 @dataclass

@@ -107,12 +107,15 @@ def test_default_hyper_parameters_are_the_papers():
 
 
 @pytest.mark.parametrize("main", [knn_main, linear_main, finetune_main])
-def test_the_evaluation_tools_take_only_the_beton_reading_data_flags(main, capsys):
+def test_the_evaluation_tools_take_only_the_flags_they_read(main, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     parameters = capsys.readouterr().out.split("parameters:")[1]
     assert {line.split()[0] for line in parameters.splitlines() if line.startswith("  --data.")} == {
         "--data.train_beton", "--data.test_beton", "--data.num_workers"}
+    from train.model import ENCODER_KEYS
+    assert {line.split()[0] for line in parameters.splitlines() if line.startswith("  --cfg.")} == {
+        f"--cfg.{key}" for key in (*ENCODER_KEYS, "seed")}  # not pretraining's loss or optimiser flags
     assert run_cli(main, ["--data.shots=3"]) == 2
     assert "unknown argument(s): --data.shots=3" in capsys.readouterr().err
 
