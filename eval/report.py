@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from core.config import UserError, argument_parser, run_cli  # noqa: E402
 from core.io import read_jsonl  # noqa: E402
+from train.rundir import RunDir  # noqa: E402
 
 
 def _pyplot():
@@ -80,22 +81,6 @@ def read_results(folder: Path | None, required: bool = False) -> dict[str, dict]
             raise UserError(f"{path} holds no top1: not the results of eval/knn.py, linear.py or finetune.py")
         results[path.stem.removeprefix("eval_")] = result
     return results
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """The run's resolved config (``config.yaml``); ``{}`` when the run has none (an older run)."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise UserError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a run's config (a mapping of sections)")
-    return config
 
 
 def _series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -263,6 +248,7 @@ def gather_pictures(run_dir: Path, max_images: int = 2000, batch_size: int = 256
     from augment import build_augmentation, build_eval_transform, resolve_preset
     from data_prep.loader import inspect_beton
     from data_prep.writer import read_class_names
+    from measure.features import embed_images
     from train.checkpoint import load_checkpoint
     from train.model import build_encoder_from_cfg
     from train.tracking import views_grid
@@ -295,7 +281,7 @@ def gather_pictures(run_dir: Path, max_images: int = 2000, batch_size: int = 256
         trained = encoders["trained"].backbone
 
         def features(images: torch.Tensor) -> torch.Tensor:
-            return F.normalize(torch.cat([trained(transform(chunk)).float() for chunk in images.split(batch_size)]), dim=1)
+            return F.normalize(embed_images(trained, images, transform, batch_size), dim=1)
 
         test_features = features(test_images)
         bank_features = features(bank_images) if labelled else test_features
@@ -481,7 +467,7 @@ def write_report(run_dir: str | Path, baseline_dir: str | Path | None = None) ->
     out = run_dir / "report"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: the report is a folder of plots")
-    config = read_run_config(run_dir)
+    config = RunDir(run_dir).read_config() or {}  # {} for an older run without one
     pictures = gather_pictures(run_dir) if (run_dir / "checkpoints" / "last.pt").is_file() else None
     method = config.get("cfg", {}).get("method", "simmer")
     parts = _method_parts(method)

@@ -51,7 +51,6 @@ if __package__ in (None, ""):  # run as a script: import from the repository roo
 
 import safetensors.torch  # noqa: E402
 import timm  # noqa: E402
-import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from augment import PRESETS, resolve_preset  # noqa: E402
@@ -135,13 +134,9 @@ def read_run(run_dir: str | os.PathLike, image_size: int | None = None) -> Expor
         state = {key.removeprefix("backbone."): value for key, value in checkpoint["model"].items()
                  if key.startswith("backbone.")}
     elif files.backbone.is_file():
-        if not files.config.is_file():
+        config = files.read_config()
+        if config is None:
             raise ExportError(f"{files.backbone} has no {files.config.name} beside it: the architecture is unknown")
-        try:
-            config = yaml.safe_load(files.config.read_text())
-        except Exception as error:  # noqa: BLE001 - a truncated or foreign file
-            first = (str(error).strip().splitlines() or [""])[0]
-            raise ExportError(f"cannot read {files.config}: {error.__class__.__name__}: {first}") from None
         state = safe_load(files.backbone, "backbone weights")
         if not isinstance(state, dict):
             raise ExportError(f"{files.backbone} holds a {type(state).__name__}, not a backbone's weights")

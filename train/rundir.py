@@ -36,6 +36,22 @@ class RunDir:
         self.summary = self.path / "summary.json"
         self.backbone = self.path / "backbone.pt"
 
+    def read_config(self) -> dict | None:
+        """The run's resolved config (``config.yaml``), ``None`` when it has none; a file that is not
+        YAML, or not a mapping of sections, raises :class:`~core.config.UserError` in one line."""
+        import yaml
+
+        if not self.config.is_file():
+            return None
+        try:
+            config = yaml.safe_load(self.config.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise UserError(f"cannot read {self.config}: {error.__class__.__name__}: {first}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{self.config} is not a run's config (a mapping of sections)")
+        return config
+
     @contextlib.contextmanager
     def locked(self) -> Iterator["RunDir"]:
         """Holds the run directory's lock; raises :class:`RunDirError` when another process holds it."""
