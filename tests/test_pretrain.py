@@ -31,9 +31,14 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path):
+def test_cli_run_writes_log_checkpoint_config_and_timm_backbone(betons, tmp_path, monkeypatch):
     # run.knn_verify: every image and label the monitor evaluates (the last epoch's too) equals the CPU read
+    import measure.monitor
+
+    compared, compare = [], measure.monitor.compare_reads
+    monkeypatch.setattr(measure.monitor, "compare_reads", lambda *args: (compared.append(len(args[1])), compare(*args)))
     summary = pretrain_main(tiny_args(betons, tmp_path / "run", "--run.knn_verify=1"))
+    assert compared == [96, 48] * 2  # both betons, at both epochs' evaluations
     run_dir = tmp_path / "run"
     log = read_log(run_dir)
     assert [line["epoch"] for line in log] == [1, 2]
