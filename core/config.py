@@ -30,7 +30,7 @@ from fastargs import Config, Param, Section
 from fastargs.exceptions import MissingValueError, ValidationError
 from fastargs.validation import Checker
 
-from core.choices import METHODS, RANK_VARIANTS, SVD_METHODS, TV_REDUCTIONS
+from core.choices import DEFAULT_SVD, METHODS, RANK_VARIANTS, SVD_METHODS, TV_REDUCTIONS
 
 DATASETS = ("cifar10", "cifar100", "miniimagenet", "folder", "synthetic")
 WRITE_MODES = ("raw", "jpg", "smart")
@@ -173,7 +173,7 @@ def _declare(config: Config) -> None:
         rank_variant=Param(Choice(RANK_VARIANTS), "rank term: tlsm, nuclear, nuclear_spectral, nuclear_frobenius", default="nuclear"),
         svd=Param(Choice(SVD_METHODS), "how the rank term gets singular values: newton_schulz "
                   "(matmuls only, no host sync on GPU), svdvals (exact reference; syncs on CUDA), auto (newton_schulz "
-                  "on GPU, svdvals on CPU)", default="auto"),
+                  "on GPU, svdvals on CPU)", default=DEFAULT_SVD),
         tv_reduction=Param(Choice(TV_REDUCTIONS), "L_TV over the D dims: mean (docs/LOSS.md) or sum (the paper's squared "
                            "norm; = mean with alpha_h, alpha_r divided by D)", default="mean"),
         vicreg_sim=Param(Float(0), "VICReg: weight of the invariance term", default=25.0),

@@ -12,8 +12,8 @@ PYTHON=${PYTHON:-python3}
 # libgl1 + libglib2.0-0: the opencv-python wheel (imported by ffcv) loads libGL and glib at import.
 APT_PACKAGES="build-essential pkg-config libturbojpeg0-dev libopencv-core-dev libopencv-imgproc-dev libgl1 libglib2.0-0"
 
-# The venv is complete for these pins and this package list (pyproject.toml's packages are installed editable).
-if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.complete" ] && cat requirements.txt pyproject.toml | cmp -s - "$VENV/.complete"; then
+# The venv is complete for these pins, this package list (pyproject.toml's packages are installed editable) and this script.
+if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.complete" ] && cat requirements.txt pyproject.toml tools/setup_env.sh | cmp -s - "$VENV/.complete"; then
     exit 0
 fi
 
@@ -67,4 +67,4 @@ from importlib.metadata import version
 import ffcv, fastargs, kornia, timm, torch  # noqa: F401 - the imports are the check
 print("[setup] ok:", ", ".join(f"{name} {version(name)}" for name in ("torch", "ffcv", "kornia", "timm")))
 PY
-cat requirements.txt pyproject.toml > "$VENV/.complete"
+cat requirements.txt pyproject.toml tools/setup_env.sh > "$VENV/.complete"
