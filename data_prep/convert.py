@@ -58,11 +58,10 @@ def convert(dataset: str, root: str | Path = "", out_dir: str | Path = "data", *
     if str(shots_file) and not Path(shots_file).is_file():
         raise DataError(f"--data.shots_file {shots_file} does not exist")
     check_out_dir(out_dir)  # before any loading, which can take long
-    if str(shots_file):
-        check_names(beton_paths(out_dir, dataset, shots, shots_file)["shots"].name,
-                    "--data.shots_file (its stem names the beton)")
-    train, test = load_dataset(dataset, root, seed=seed, **source_options)
     paths = beton_paths(out_dir, dataset, shots, shots_file)
+    if str(shots_file):
+        check_names(paths["shots"].name, "--data.shots_file (its stem names the beton)")
+    train, test = load_dataset(dataset, root, seed=seed, **source_options)
     splits = {paths["train"]: train} if test is None else {paths["train"]: train, paths["test"]: test}
     if "shots" in paths and test is None:
         raise DataError(f"--data.{'shots' if shots else 'shots_file'} needs labelled images: these have no classes")

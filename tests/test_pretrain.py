@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -178,7 +179,7 @@ def test_health_figures_come_from_the_held_out_images_in_eval_mode(betons, tmp_p
     effective rank is not bounded by the batch (4 here) as a training batch's zbar is."""
     from augment import build_eval_transform, resolve_preset
     from core.config import parse_config
-    from data_prep.loader import inspect_beton
+    from data_prep.loader import BetonLoader, inspect_beton
     from measure.features import embed_images
     from train.checkpoint import load_checkpoint
     from train.model import build_encoder_from_cfg
@@ -191,7 +192,9 @@ def test_health_figures_come_from_the_held_out_images_in_eval_mode(betons, tmp_p
     config = parse_config(args, "", ("cfg", "data", "run"))
     size = inspect_beton(betons["test"]).fixed_size[0]
     images = held_out_images(config["data"], 40, size, torch.device("cpu"))
-    assert images.shape == (40, 3, size, size) and images.dtype == torch.uint8
+    every = torch.cat([batch.images for batch in BetonLoader(betons["test"], 48, train=False, num_workers=1)])
+    spaced = np.unique(np.linspace(0, 47, 40).round().astype(np.int64))  # 40 evenly spaced of the 48
+    assert images.dtype == torch.uint8 and torch.equal(images, every[spaced])
     encoder = build_encoder_from_cfg(config["cfg"], size)
     encoder.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"])
     expected = health(embed_images(encoder, images, build_eval_transform(resolve_preset("auto", size)), 512))
