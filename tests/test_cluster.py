@@ -278,8 +278,23 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
     port = _free_port()
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import torch.distributed._functional_collectives as functional\n"
-                                           "del functional.all_gather_single\n")
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch.distributed._functional_collectives as functional\n"
+        "del functional.all_gather_single\n"
+        # At the interpreter's exit, each process records its live gloo threads: none may be left
+        # (one dropping a finished collective then aborts the process).
+        "import atexit, os, pathlib\n"
+        "def _gloo_threads():\n"
+        "    names = []\n"
+        "    for task in pathlib.Path('/proc/self/task').iterdir():\n"
+        "        try:\n"
+        "            names.append((task / 'comm').read_text().strip())\n"
+        "        except OSError:\n"
+        "            pass\n"
+        f"    pathlib.Path({str(exits)!r}, str(os.getpid())).write_text(str(names.count('pt_gloo_runloop')))\n"
+        "atexit.register(_gloo_threads)\n")
     env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=1", "--run.probe=0",
@@ -291,6 +306,8 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    at_exit = sorted(int(path.read_text()) for path in exits.iterdir())  # two torchruns, two workers
+    assert len(at_exit) == 4 and at_exit == [0, 0, 0, 0], at_exit
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["step"] == 96 // 16  # the global batch of 16 split over the two nodes
     assert "knn_top1" in log[0] and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.pt"]

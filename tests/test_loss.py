@@ -11,6 +11,7 @@ import math
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -525,57 +526,77 @@ def _distributed_worker(rank: int, world_size: int, port: int, missing: tuple[st
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
-        K, B, Din, D = 3, 12, 5, 7
-        local = slice(rank * B // world_size, (rank + 1) * B // world_size)
-        g = torch.Generator().manual_seed(0)  # the same on every rank
-        x = torch.randn(K, B, Din, generator=g, dtype=torch.float64)
-        w_init = torch.randn(Din, D, generator=g, dtype=torch.float64)
-        for variant, bias, svd in _DIST_CASES:
-            for alpha_h, alpha_r in ((1.0, 1.0), (0.1, 2e-4)):
-                # Single process, full batch (computed before any gather, no process group use).
-                w_ref = w_init.clone().requires_grad_()
-                z_full = x @ w_ref
-                zbar_full = z_full.mean(0)
-                ref_total = (
-                    total_variance(z_full)
-                    + alpha_h * entropy_loss(zbar_full)
-                    + alpha_r * rank_loss(zbar_full, variant, bias, svd=svd)
-                )
-                ref_total.backward()
-                ref_h = entropy_loss(zbar_full.detach())
-                ref_r = rank_loss(zbar_full.detach(), variant, bias, svd=svd)
-
-                # This rank: B/2 images, loss through the gathered zbar.
-                w = w_init.clone().requires_grad_()
-                total, parts = simmer_loss(x[:, local] @ w, alpha_h, alpha_r, variant, bias, svd)
-                total.backward()
-                grad = w.grad.clone()
-                dist.all_reduce(grad)
-                grad /= world_size  # what DDP does
-                mean_total = total.detach().clone()
-                dist.all_reduce(mean_total)
-                mean_total /= world_size
-                mean_tv = parts["tv"].detach().clone()
-                dist.all_reduce(mean_tv)
-                mean_tv /= world_size
-
-                tol = dict(rtol=1e-9, atol=1e-12)
-                case = f"rank {rank}, {variant}, bias={bias}, {svd}, alphas={alpha_h, alpha_r}"
-
-                def msg(m, case=case):
-                    return f"{case}: {m}"
-
-                torch.testing.assert_close(parts["entropy"], ref_h, **tol, msg=msg)
-                torch.testing.assert_close(parts["rank"], ref_r, **tol, msg=msg)
-                torch.testing.assert_close(
-                    parts["tv"], total_variance(x[:, local] @ w_init), **tol, msg=msg
-                )
-                torch.testing.assert_close(mean_tv, total_variance(x @ w_init), **tol, msg=msg)
-                torch.testing.assert_close(mean_total, ref_total.detach(), **tol, msg=msg)
-                torch.testing.assert_close(grad, w_ref.grad, **tol, msg=msg)
+        _compare_gathered_with_full_batch(rank, world_size)  # its graphs (which hold the group) go with it
         dist.barrier()  # both ranks done before either tears its process group down
     finally:
         dist.destroy_process_group()
+    # The group is freed and its gloo threads joined now, not at the interpreter's exit (where
+    # one dropping a finished collective aborts the process): nothing the loss imported pins it.
+    assert gloo_threads() == 0, f"rank {rank}: {gloo_threads()} gloo threads outlive the process group"
+
+
+def _compare_gathered_with_full_batch(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+
+    K, B, Din, D = 3, 12, 5, 7
+    local = slice(rank * B // world_size, (rank + 1) * B // world_size)
+    g = torch.Generator().manual_seed(0)  # the same on every rank
+    x = torch.randn(K, B, Din, generator=g, dtype=torch.float64)
+    w_init = torch.randn(Din, D, generator=g, dtype=torch.float64)
+    for variant, bias, svd in _DIST_CASES:
+        for alpha_h, alpha_r in ((1.0, 1.0), (0.1, 2e-4)):
+            # Single process, full batch (computed before any gather, no process group use).
+            w_ref = w_init.clone().requires_grad_()
+            z_full = x @ w_ref
+            zbar_full = z_full.mean(0)
+            ref_total = (
+                total_variance(z_full)
+                + alpha_h * entropy_loss(zbar_full)
+                + alpha_r * rank_loss(zbar_full, variant, bias, svd=svd)
+            )
+            ref_total.backward()
+            ref_h = entropy_loss(zbar_full.detach())
+            ref_r = rank_loss(zbar_full.detach(), variant, bias, svd=svd)
+
+            # This rank: B/2 images, loss through the gathered zbar.
+            w = w_init.clone().requires_grad_()
+            total, parts = simmer_loss(x[:, local] @ w, alpha_h, alpha_r, variant, bias, svd)
+            total.backward()
+            grad = w.grad.clone()
+            dist.all_reduce(grad)
+            grad /= world_size  # what DDP does
+            mean_total = total.detach().clone()
+            dist.all_reduce(mean_total)
+            mean_total /= world_size
+            mean_tv = parts["tv"].detach().clone()
+            dist.all_reduce(mean_tv)
+            mean_tv /= world_size
+
+            tol = dict(rtol=1e-9, atol=1e-12)
+            case = f"rank {rank}, {variant}, bias={bias}, {svd}, alphas={alpha_h, alpha_r}"
+
+            def msg(m, case=case):
+                return f"{case}: {m}"
+
+            torch.testing.assert_close(parts["entropy"], ref_h, **tol, msg=msg)
+            torch.testing.assert_close(parts["rank"], ref_r, **tol, msg=msg)
+            torch.testing.assert_close(
+                parts["tv"], total_variance(x[:, local] @ w_init), **tol, msg=msg
+            )
+            torch.testing.assert_close(mean_tv, total_variance(x @ w_init), **tol, msg=msg)
+            torch.testing.assert_close(mean_total, ref_total.detach(), **tol, msg=msg)
+            torch.testing.assert_close(grad, w_ref.grad, **tol, msg=msg)
+
+
+def gloo_threads() -> int:
+    """This process's live gloo worker threads (Linux names them ``pt_gloo_runloop``)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return names.count("pt_gloo_runloop")
 
 
 @pytest.mark.timeout(120)

@@ -51,6 +51,16 @@ import math
 import torch
 import torch.distributed as dist
 
+if dist.is_available():
+    # Imported now, before any process group exists: torch.distributed.nn.functional takes
+    # ``group=group.WORLD`` as a default argument, evaluated when it is imported, and
+    # _functional_collectives imports it on first use. Imported after init_process_group, it pins
+    # the default group for the life of the process: destroy_process_group then cannot free it,
+    # and its gloo threads live on into the interpreter's exit, where one dropping a finished
+    # collective aborts the process (SIGABRT, "terminate called without an active exception").
+    from torch.distributed import _functional_collectives
+    from torch.distributed.nn import functional as _nn_functional
+
 from core.choices import DEFAULT_SVD, RANK_VARIANTS, SVD_METHODS, TV_REDUCTIONS
 from measure.health import check_embeddings, nearest_neighbour_index
 from train.newton_schulz import NORM_EPS, rank_term_newton_schulz
@@ -224,14 +234,10 @@ def _all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     ``torch.distributed.nn.functional.all_gather`` (torch 2.11, the GPU image's, lacks the former);
     both give the same summed gradient (tested with gloo, with and without the first).
     """
-    from torch.distributed import _functional_collectives as functional
-
-    gather = getattr(functional, "all_gather_single", None)
+    gather = getattr(_functional_collectives, "all_gather_single", None)
     if gather is not None:
         return gather(x.contiguous(), 0, dist.group.WORLD)
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()))
+    return torch.cat(_nn_functional.all_gather(x.contiguous(), group=dist.group.WORLD))
 
 
 def simmer_loss(

@@ -731,7 +731,12 @@ def _finish(state: _LoopState) -> dict:
         knn_text = f", last kNN top-1 {state.last_knn:.2%}" if state.last_knn is not None else ""
         print(f"done: {state.cfg['epochs']} epochs in {seconds / 60:.1f} min, {summary['images_per_s']:.0f} img/s"
               f"{knn_text}; backbone weights in {summary['backbone']}", flush=True)
-    state.loader = state.monitor = None  # ffcv loaders go before the process group (a live one aborts the exit)
+    # ffcv loaders go before the process group (a live one aborts the exit), and so does the model:
+    # DDP holds the group, so that destroy_process_group, with the model alive, only unregisters
+    # it, and it is freed (its gloo threads joined, with the GIL held) wherever the model's last
+    # reference goes, at worst at the interpreter's exit, where a gloo thread dropping a finished
+    # collective aborts the process ("terminate called without an active exception").
+    state.loader = state.monitor = state.training = None
     gc.collect()
     if state.world > 1:
         torch.distributed.barrier()
