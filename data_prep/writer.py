@@ -437,18 +437,30 @@ def write_betons(splits: dict[Path, Source], write_mode: str = "raw", jpeg_quali
                 raise DataError(f"could not read {len(failures)} image(s) for {path}: " + "; ".join(details) + more)
         with stop.held():  # a signal now waits until every file is in place
             for path, temporary in temporaries.items():
+                _move_into_place(temporary, path)
+                names_path = class_names_path(path)
                 try:
-                    os.chmod(temporary, open_mode(path))
-                    os.replace(temporary, path)
                     if path in sidecars:
-                        os.chmod(sidecars[path], open_mode(class_names_path(path)))
-                        os.replace(sidecars[path], class_names_path(path))
+                        _move_into_place(sidecars[path], names_path)
                     else:  # an old sidecar would name the classes of another beton
-                        class_names_path(path).unlink(missing_ok=True)
-                except OSError as error:
-                    raise DataError(f"cannot move {temporary.name} to {path}: {error.strerror or error}") from None
+                        names_path.unlink(missing_ok=True)
+                except (DataError, OSError) as error:
+                    with contextlib.suppress(OSError):  # the new beton never keeps another beton's names
+                        names_path.unlink(missing_ok=True)
+                    if isinstance(error, OSError):
+                        error = DataError(f"cannot remove the old {names_path}: {error.strerror or error}")
+                    raise error from None
         return [WriteResult(path, len(source), _count_classes(source.labels), path.stat().st_size)
                 for path, source in splits.items()]
+
+
+def _move_into_place(temporary: Path, path: Path) -> None:
+    """Renames a finished temporary to its final name, with the final file's permissions."""
+    try:
+        os.chmod(temporary, open_mode(path))
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DataError(f"cannot move {temporary.name} to {path}: {error.strerror or error}") from None
 
 
 def describe(results: list[WriteResult], classes: int, seconds: float) -> str:

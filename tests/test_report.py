@@ -3,6 +3,7 @@ sources in the titles, class names from the beton's sidecar, and a run on unlabe
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -90,6 +91,28 @@ def test_the_sidecar_lives_and_dies_with_its_beton(tmp_path, monkeypatch):
     class_names_path(path).write_text('{"classes": ["only one"]}')
     with pytest.warns(UserWarning, match="does not name the 2 classes"):
         assert read_class_names(path, 2) is None
+
+
+def test_a_sidecar_that_cannot_move_into_place_is_named_and_leaves_no_stale_names(tmp_path):
+    path = tmp_path / "a.beton"
+    write_betons({path: _class_by_class((3, 3))}, num_workers=1)
+    import data_prep.writer as writer
+
+    real_replace, calls = writer.os.replace, []
+
+    def replace(source, target):  # the sidecar's rename fails, after its beton's
+        calls.append(Path(target).name)
+        if Path(target) == class_names_path(path):
+            raise OSError(13, "Permission denied")
+        real_replace(source, target)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer.os, "replace", replace)
+        target = re.escape(str(class_names_path(path)))
+        with pytest.raises(DataError, match=rf"cannot move a\.beton\.classes\.json\.tmp-\d+ to {target}: Permission denied"):
+            write_betons({path: _class_by_class((2, 2))}, num_workers=1)
+    assert calls == ["a.beton", "a.beton.classes.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.beton"]  # no temporary, no names of the old beton
+    assert BetonLoader(path, 4, train=False, num_workers=1).num_samples == 4  # the new beton is in place
 
 
 def test_a_folders_class_names_are_kept_and_an_unlabelled_folder_has_none(tmp_path):
