@@ -9,7 +9,9 @@ Safety: every file is written to ``<name>.tmp-<pid>`` and renamed only when all 
 call are complete, so a failed or interrupted conversion leaves no ``.beton`` and no temporary
 file. A beton whose source names its classes (folder names, CIFAR's) gets a sidecar
 ``<name>.beton.classes.json`` (``{"classes": [...]}``, label = position), written and renamed with
-it; rewriting a beton without names removes an old sidecar (:func:`read_class_names` reads it). ffcv's own writer waits forever when a worker process fails (a full disk, a bug) and leaves
+it (:func:`read_class_names` reads it); a beton rewritten without names, or whose new sidecar
+cannot be renamed into place (the error names the sidecar), keeps no old sidecar. ffcv's own
+writer waits forever when a worker process fails (a full disk, a bug) and leaves
 its workers running when the main process is stopped; :class:`_Writer` runs the same on-disk
 format under a main process that watches its workers:
 
