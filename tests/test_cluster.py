@@ -152,8 +152,9 @@ def test_a_signal_during_start_up_or_after_the_last_epoch_is_a_clean_exit(betons
     _wait_for(lambda: "epoch 1/1:" in (tmp_path / "after_last_epoch" / "out.txt").read_text(), finished)
     finished.send_signal(signal.SIGTERM)
     for name, (process, folder, record) in runs.items():
+        code = process.wait(timeout=200)  # before reading: a run still setting up has yet to say how it stopped
         text = (folder / "out.txt").read_text()
-        assert process.wait(timeout=200) == 0, (name, text[-3000:])
+        assert code == 0, (name, text[-3000:])
         assert "Traceback" not in text, (name, text[-3000:])
         if name == "after_last_epoch":
             assert (folder / "run" / "summary.json").exists() and not record.exists()
