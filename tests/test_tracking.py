@@ -3,6 +3,8 @@
 A SIGTERM and its resume logging every step once: tests/test_pretrain.py (with the resume's exactness)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from data_fixtures import tiny_args
 from train.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.timeout(300)
+
+
 def test_events_a_killed_run_wrote_after_its_checkpoint_are_dropped(betons, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -22,15 +26,26 @@ def test_events_a_killed_run_wrote_after_its_checkpoint_are_dropped(betons, tmp_
     for step in (1, 2, 3):
         orphans.add_scalar("train/loss", 1e6, step)
     orphans.close()
+    _next_second()
     pretrain_main([*args, "--run.stop_after_epochs=1"])  # a fresh start; checkpoint at step 6
+    _next_second()
     orphans = SummaryWriter(log_dir=str(run_dir / "tensorboard"))  # what a run killed in epoch 2 left
     for step in (7, 8, 9):
         orphans.add_scalar("train/loss", 1e6, step)
     orphans.close()
+    _next_second()
     pretrain_main(args)
     loss = _events(run_dir).Scalars("train/loss")
     assert [event.step for event in loss] == list(range(1, 13))
     assert max(event.value for event in loss) < 1e3
+
+
+def _next_second() -> None:
+    """Waits into the next whole second, so that the next event file sorts after the last one, as
+    a killed run's file and its resume's do. TensorBoard reads a folder's files in name order, and
+    names them ``events.out.tfevents.<seconds>.<host>.<pid>.<n>`` with ``n`` counting the process's
+    writers unpadded: two writers of one process in the same second, ``n`` 9 and 10, sort wrongly."""
+    time.sleep(1.02 - time.time() % 1)
 
 
 def test_wandb_offline_resume_continues_the_same_run(betons, tmp_path, monkeypatch):
