@@ -188,9 +188,12 @@ def test_sbatch_templates_signal_only_their_own_jobs_workers():
         Path(env["MARK"]).unlink(missing_ok=True)
         command = with_child if name == "worker" else waiter
         processes[name] = (subprocess.Popen(["bash", "-c", command], env=env), Path(env["MARK"]))
-    time.sleep(0.3)  # the traps are set
-    child = int(Path(f"{child_mark}.pid").read_text())
     try:
+        for process, _mark in processes.values():  # the traps are set
+            _wait_for(lambda process=process: _caught(process.pid, signal.SIGUSR1), process, timeout=60)
+        pid_file = Path(f"{child_mark}.pid")
+        _wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), processes["worker"][0], timeout=60)
+        child = int(pid_file.read_text())
         result = subprocess.run([str(REPO / "slurm" / "signal_workers.sh"), "USR1"], capture_output=True, text=True,
                                 env={**os.environ, "SLURM_JOB_ID": "4242"}, timeout=60)
         assert result.returncode == 0 and result.stderr.startswith("signal_workers.sh: sent SIGUSR1 to 1 training "
