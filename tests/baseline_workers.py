@@ -3,21 +3,15 @@ the spawned processes import only the losses (not the whole test module and its 
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
 
+from distributed_helpers import gloo_threads
 from train.loss import simsiam_loss
 from train.methods import get_method
 
 BASELINES = ("vicreg", "barlow_twins", "simclr", "simsiam")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def distributed_worker(rank: int, world_size: int, port: int) -> None:
@@ -52,3 +46,4 @@ def distributed_worker(rank: int, world_size: int, port: int) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    assert gloo_threads() == 0, f"rank {rank}: {gloo_threads()} gloo threads outlive the process group"

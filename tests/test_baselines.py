@@ -19,11 +19,12 @@ import pytest
 import torch
 import yaml
 
-from baseline_workers import BASELINES, distributed_worker, free_port
+from baseline_workers import BASELINES, distributed_worker
 from bench.step_trace import trace_device_regions
 from core.choices import METHODS
 from core.config import ConfigError
 from data_fixtures import tiny_args
+from distributed_helpers import free_port
 from eval.knn import main as knn_main
 from train.checkpoint import CheckpointError
 from train.export import read_run

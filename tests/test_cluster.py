@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import read_log, start_pretraining, tiny_args
+from distributed_helpers import free_port
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -213,12 +213,6 @@ def test_sbatch_templates_signal_only_their_own_jobs_workers():
         child_mark.unlink(missing_ok=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _single_process_epoch(betons: dict[str, Path], args: list[str], world: int) -> tuple[list[float], dict]:
     """The first epoch of ``args`` in one process on the same global batches as ``world`` ranks.
 
@@ -279,7 +273,7 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
 
     from train.checkpoint import load_checkpoint
 
-    port = _free_port()
+    port = free_port()
     site = tmp_path / "site"
     site.mkdir()
     exits = tmp_path / "exits"
@@ -289,16 +283,10 @@ def test_two_node_torchrun_with_c10d_rendezvous_trains_an_epoch(betons, tmp_path
         "del functional.all_gather_single\n"
         # At the interpreter's exit, each process records its live gloo threads: none may be left
         # (one dropping a finished collective then aborts the process).
-        "import atexit, os, pathlib\n"
-        "def _gloo_threads():\n"
-        "    names = []\n"
-        "    for task in pathlib.Path('/proc/self/task').iterdir():\n"
-        "        try:\n"
-        "            names.append((task / 'comm').read_text().strip())\n"
-        "        except OSError:\n"
-        "            pass\n"
-        f"    pathlib.Path({str(exits)!r}, str(os.getpid())).write_text(str(names.count('pt_gloo_runloop')))\n"
-        "atexit.register(_gloo_threads)\n")
+        "import atexit, os, pathlib, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from distributed_helpers import gloo_threads\n"
+        f"atexit.register(lambda: pathlib.Path({str(exits)!r}, str(os.getpid())).write_text(str(gloo_threads())))\n")
     env = {**os.environ, "NUMBA_THREADING_LAYER": "omp", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     args = tiny_args(betons, tmp_path / "run", "--cfg.epochs=1", "--run.knn_every=1", "--run.probe=0",

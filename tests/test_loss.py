@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from distributed_helpers import free_port, gloo_threads
 from measure.health import effective_rank, nearest_neighbour_distance
 from train.loss import (
     DEFAULT_SVD,
@@ -508,12 +507,6 @@ _DIST_CASES = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank: int, world_size: int, port: int, missing: tuple[str, ...] = ()) -> None:
     import torch.distributed as dist
     import torch.distributed._functional_collectives as functional
@@ -588,24 +581,13 @@ def _compare_gathered_with_full_batch(rank: int, world_size: int) -> None:
             torch.testing.assert_close(grad, w_ref.grad, **tol, msg=msg)
 
 
-def gloo_threads() -> int:
-    """This process's live gloo worker threads (Linux names them ``pt_gloo_runloop``)."""
-    names = []
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            names.append((task / "comm").read_text().strip())
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return names.count("pt_gloo_runloop")
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 @pytest.mark.parametrize("missing", [(), ("all_gather_single",)], ids=["torch-2.14", "without-all_gather_single"])
 def test_distributed_gather_equals_single_process(missing):
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_worker, args=(2, _free_port(), missing), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, free_port(), missing), nprocs=2, join=True)
 
 
 # ---------------------------------------------------------------------------------------------
